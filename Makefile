@@ -1,0 +1,42 @@
+# `make demo` and `make test` are all the set-up a fresh machine needs.
+# Python: $(PYTHON) if given, else a python3.12 on PATH that runs, else pyenv's 3.12.
+SHELL := /bin/bash
+VENV := .venv
+PYENV_ROOT ?= $(HOME)/.pyenv
+PYTHON ?= $(shell \
+  if python3.12 -c 'import sys' >/dev/null 2>&1; then command -v python3.12; \
+  else ls -d $(PYENV_ROOT)/versions/3.12*/bin/python3.12 2>/dev/null | head -n 1; fi)
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+# 2 workers fit CI's 2 cores; `make test PYTEST_WORKERS=0` runs serially.
+PYTEST_WORKERS ?= 2
+
+.PHONY: demo test test-full bench venv clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.py constraints.txt
+	@if [ -z "$(PYTHON)" ]; then \
+	  echo "seqmix needs Python 3.12 (the H100 image's version; JAX 0.11 needs >= 3.12)."; \
+	  echo "Install it (e.g. pyenv install 3.12) or run: make PYTHON=/path/to/python3.12 $(MAKECMDGOALS)"; \
+	  exit 1; fi
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m experiments.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) -m "not slow" --durations=25 $(PYTEST_ARGS) tests
+
+test-full: $(STAMP)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --durations=40 $(PYTEST_ARGS) tests
+
+bench: $(STAMP)
+	$(PY) -m experiments.bench.run_all
+
+clean:
+	rm -rf $(VENV) .pytest_cache

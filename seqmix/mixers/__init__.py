@@ -1,0 +1,1 @@
+"""Mixers, one file per architecture; see `seqmix.registry`."""

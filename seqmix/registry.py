@@ -1,0 +1,129 @@
+"""ONE registry: mixer name -> Linen class + metadata.
+
+A mixer file registers its class with `@register(...)`; layer patterns (Griffin, xLSTM)
+register with `register_pattern(...)`. Lookups import every module under
+`seqmix.mixers` once, so `names()` is complete whatever was imported before.
+
+    @register("mha", paper="Attention Is All You Need", year=2017, venue="NeurIPS",
+              family="attention", op="attention", parents=(), constant_state=False)
+    class MHA(MixerBase): ...
+"""
+
+import dataclasses
+import difflib
+import importlib
+import pkgutil
+from typing import Any
+
+FAMILIES = ("attention", "linear-attention", "ssm", "linear-rnn", "nonlinear-rnn",
+            "ttt", "long-conv", "memory", "hybrid")
+
+
+@dataclasses.dataclass(frozen=True)
+class MixerInfo:
+  """What the registry knows of one mixer.
+
+  name: registry key (lower case, config value).
+  cls: the Linen class (None for a layer pattern).
+  paper, year, venue: the paper that introduced it.
+  family: one of FAMILIES.
+  op: the seqmix op(s) it uses, e.g. "linear_attention.gla".
+  parents: names of architectures it builds on.
+  constant_state: decoding keeps a constant-size state (False: a growing KV cache).
+  pattern: for a layer pattern, the mixer names repeated over the depth.
+  test_kwargs: small hyperparameters the shared tests use (at d_model=32).
+  """
+  name: str
+  cls: Any
+  paper: str
+  year: int
+  venue: str
+  family: str
+  op: str
+  parents: tuple[str, ...] = ()
+  constant_state: bool = True
+  pattern: tuple[str, ...] = ()
+  test_kwargs: dict = dataclasses.field(default_factory=dict)
+  url: str = ""
+
+  @property
+  def is_pattern(self) -> bool:
+    return bool(self.pattern)
+
+
+_REGISTRY: dict[str, MixerInfo] = {}
+_LOADED = False
+
+
+def _check_meta(name, family, year):
+  if family not in FAMILIES:
+    raise ValueError(f"mixer {name!r}: family {family!r} is not one of {FAMILIES}.")
+  if not (1990 <= int(year) <= 2100):
+    raise ValueError(f"mixer {name!r}: year {year!r} looks wrong.")
+  if name in _REGISTRY:
+    raise ValueError(f"mixer {name!r} is registered twice "
+                     f"({_REGISTRY[name].cls} and a new one).")
+
+
+def register(name: str, *, paper: str, year: int, venue: str, family: str, op: str,
+             parents=(), constant_state: bool = True, test_kwargs=None, url: str = ""):
+  """Class decorator adding a mixer to the registry."""
+  def wrap(cls):
+    _check_meta(name, family, year)
+    _REGISTRY[name] = MixerInfo(name=name, cls=cls, paper=paper, year=int(year), venue=venue,
+                                family=family, op=op, parents=tuple(parents),
+                                constant_state=constant_state,
+                                test_kwargs=dict(test_kwargs or {}), url=url)
+    return cls
+  return wrap
+
+
+def register_pattern(name: str, pattern, *, paper: str, year: int, venue: str, op: str,
+                     parents=(), url: str = ""):
+  """A layer pattern (a hybrid): `pattern` names registered mixers, repeated over the depth."""
+  _check_meta(name, "hybrid", year)
+  _REGISTRY[name] = MixerInfo(name=name, cls=None, paper=paper, year=int(year), venue=venue,
+                              family="hybrid", op=op, parents=tuple(parents),
+                              constant_state=False, pattern=tuple(pattern), url=url)
+
+
+def _load_all():
+  global _LOADED
+  if _LOADED:
+    return
+  import seqmix.mixers as pkg  # pylint: disable=g-import-not-at-top
+  for mod in pkgutil.walk_packages(pkg.__path__, prefix=pkg.__name__ + "."):
+    importlib.import_module(mod.name)
+  _LOADED = True
+
+
+def names(*, include_patterns: bool = True) -> list[str]:
+  """Every registered name, sorted."""
+  _load_all()
+  return sorted(n for n, i in _REGISTRY.items() if include_patterns or not i.is_pattern)
+
+
+def get(name: str) -> MixerInfo:
+  """The entry for `name`; an unknown name fails with the valid ones and the closest match."""
+  _load_all()
+  if name not in _REGISTRY:
+    close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise KeyError(f"Unknown mixer {name!r}.{hint} Registered mixers: {', '.join(names())}.")
+  return _REGISTRY[name]
+
+
+def expand_pattern(spec: str, n_layers: int) -> list[str]:
+  """A layer spec -> one mixer name per layer.
+
+  `spec` is a mixer name, a registered pattern ("griffin"), or a comma-separated list
+  ("mamba2,mamba2,mha") repeated over the depth. `n_layers` need not be a multiple.
+  """
+  parts = [p.strip() for p in spec.split(",") if p.strip()]
+  if not parts:
+    raise ValueError(f"Empty mixer spec {spec!r}: give a name like 'mha' or 'gla,gla,mha'.")
+  flat: list[str] = []
+  for p in parts:
+    info = get(p)
+    flat.extend(info.pattern if info.is_pattern else (p,))
+  return [flat[i % len(flat)] for i in range(n_layers)]
