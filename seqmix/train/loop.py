@@ -1,0 +1,243 @@
+"""`train(config, workdir)`: the whole run — data, model, jitted steps, progress, periodic
+evaluation over the whole validation split, checkpoints, resume, and a sample at the end.
+
+A run restarted with the same workdir resumes from the newest checkpoint (params,
+optimizer state, step, rng and the data iterator's position), so it continues exactly as
+the uninterrupted run would have.
+"""
+
+import math
+import os
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from seqmix.train import checkpoint as ckpt_lib
+from seqmix.train import config as config_lib
+from seqmix.train import metrics as metrics_lib
+from seqmix.train import optim
+from seqmix.train import state as state_lib
+from seqmix.train import step as step_lib
+
+Hook = Callable[[int, dict], None]
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced a non-finite loss (or parameters); `step` is the update that did."""
+
+  def __init__(self, step: int, message: str):
+    super().__init__(message)
+    self.step = step
+
+
+class DataSplits:
+  """What `seqmix.data.pipeline.make_datasets` provides, under fixed names.
+
+  train: an iterator of batches with get_state()/set_state(); validation(): a fresh
+  iterable over the whole validation split; vocab_size: int; decode: token ids -> str
+  (None for synthetic tasks).
+  """
+
+  def __init__(self, train, validation, vocab_size, decode=None):
+    self.train = train
+    self.validation = validation
+    self.vocab_size = int(vocab_size)
+    self.decode = decode
+
+  @classmethod
+  def wrap(cls, ds: Any) -> "DataSplits":
+    if isinstance(ds, DataSplits):
+      return ds
+    if isinstance(ds, tuple) and not hasattr(ds, "_fields"):
+      return cls(*ds)
+    get = ds.get if isinstance(ds, dict) else (lambda k, d=None: getattr(ds, k, d))
+    val = get("validation") or get("val") or get("eval")
+    return cls(get("train"), val, get("vocab_size"), get("decode"))
+
+  def validation_batches(self) -> Iterable[dict]:
+    return self.validation() if callable(self.validation) else self.validation
+
+
+def make_data(config: ml_collections.ConfigDict) -> DataSplits:
+  from seqmix.data import pipeline  # pylint: disable=g-import-not-at-top
+  t = config.train
+  return DataSplits.wrap(pipeline.make_datasets(config.data, seq_len=int(t.seq_len),
+                                                batch_size=int(t.batch_size),
+                                                seed=int(config.seed)))
+
+
+def build_model(model_cfg: ml_collections.ConfigDict, vocab_size: int):
+  """The LanguageModel of `model_cfg`, its vocab taken from the data when `vocab_size <= 0`."""
+  from seqmix.models import lm  # pylint: disable=g-import-not-at-top
+  cfg = ml_collections.ConfigDict(model_cfg.to_dict())
+  if int(cfg.get("vocab_size", 0) or 0) <= 0:
+    cfg.vocab_size = vocab_size
+  elif cfg.vocab_size < vocab_size:
+    raise config_lib.ConfigError(
+        f"model.vocab_size={cfg.vocab_size} is smaller than the data's vocabulary "
+        f"({vocab_size}); set model.vocab_size=0 to take it from the data.")
+  return lm.from_config(cfg)
+
+
+def _to_device(batch: dict) -> dict:
+  return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def _due(step: int, every: int, last: int) -> bool:
+  return step == last or (every > 0 and step % every == 0)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook] = (),
+          data: DataSplits | None = None) -> dict[str, Any]:
+  """Train (or resume) the run of `config` in `workdir`; returns final metrics.
+
+  hooks: called as hook(step, metrics) after every update (metrics are device arrays);
+  an exception from a hook stops the run like a kill would (checkpoints are kept).
+  data: a DataSplits to use instead of building it from config.data (tests).
+  Raises ConfigError before compiling for configs that cannot run, and NonFiniteLossError
+  naming the step at which the loss became non-finite (the last good checkpoint is kept;
+  the bad state is never saved).
+  """
+  config_lib.validate(config)
+  t = config.train
+  os.makedirs(workdir, exist_ok=True)
+  data = data or make_data(config)
+  model = build_model(config.model, data.vocab_size)
+  schedule = optim.lr_schedule(peak_lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps,
+                               decay_steps=t.decay_steps)
+  optimizer = optim.make_optimizer(t)
+  dummy = {"inputs": np.zeros((1, int(t.seq_len)), np.int32)}
+  state = state_lib.create_train_state(model, optimizer, jax.random.PRNGKey(int(config.seed)),
+                                       dummy)
+
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
+                               async_save=t.async_checkpoint)
+  best_val = math.inf
+  if ckpt.latest_step() is not None:
+    state, data_state, meta = ckpt.restore(state)
+    data.train.set_state(data_state)
+    best_val = float(meta.get("best_val_loss", math.inf))
+  start = int(jax.device_get(state.step))
+
+  train_step = step_lib.make_train_step(model, optimizer, grad_accum=int(t.grad_accum),
+                                        schedule=schedule)
+  eval_step = step_lib.make_eval_step(model)
+  writer = metrics_lib.MetricWriter(os.path.join(workdir, "tb") if t.tensorboard else None)
+  n_params = metrics_lib.param_count(state.params)
+  fpt = metrics_lib.flops_per_token(
+      metrics_lib.matmul_param_count(state.params),
+      n_attention_layers=metrics_lib.count_attention_layers(config.model),
+      d_model=int(config.model.d_model), seq_len=int(t.seq_len))
+  tqdm.write(f"model: {n_params:,} parameters; training steps {start} -> {t.steps}; "
+             f"workdir {workdir}")
+
+  def meta():
+    return {"best_val_loss": best_val if math.isfinite(best_val) else None}
+
+  def check_finite(pending):
+    """Host check of buffered per-step losses; raises at the first non-finite one."""
+    values = jax.device_get([m for _, m in pending])
+    for (s, _), m in zip(pending, values):
+      if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
+        last = ckpt.latest_step()
+        raise NonFiniteLossError(
+            s, f"Non-finite loss at step {s} (loss={m['loss']}, grad_norm={m['grad_norm']}). "
+            f"Stopped; the last good checkpoint is step {last} under {ckpt.directory}/latest "
+            "(the bad state was not saved). Lower train.lr, raise train.warmup_steps or "
+            "check train.grad_clip, then rerun to resume from that checkpoint.")
+    return values
+
+  summary: dict[str, Any] = {"params": n_params, "start_step": start}
+  last_train: dict[str, float] = {}
+  val: dict[str, float] | None = None
+  val_step = -1
+  pbar = tqdm(total=int(t.steps), initial=start, disable=not t.progress, dynamic_ncols=True,
+              desc="train")
+  meter = metrics_lib.Throughput()
+  pending: list[tuple[int, dict]] = []
+  try:
+    for s in range(start, int(t.steps)):
+      state, m = train_step(state, _to_device(next(data.train)))
+      pending.append((s, m))
+      for hook in hooks:
+        hook(s, m)
+      done = s + 1
+      pbar.update(1)
+      eval_due = _due(done, t.eval_every, t.steps)
+      ckpt_due = _due(done, t.ckpt_every, t.steps)
+      if not (_due(done, t.log_every, t.steps) or eval_due or ckpt_due):
+        continue
+      values = check_finite(pending)
+      tokens = sum(float(v["tokens"]) for v in values)
+      tok_per_s = meter.update(int(t.batch_size) * int(t.seq_len) * len(values))
+      last_train = {"loss": float(np.mean([v["loss"] for v in values])),
+                    "accuracy": float(np.mean([v["accuracy"] for v in values])),
+                    "grad_norm": float(values[-1]["grad_norm"]),
+                    "lr": float(values[-1]["lr"]), "tokens_per_s": tok_per_s,
+                    "scored_tokens": tokens}
+      last_train["bits_per_token"] = metrics_lib.bits_per_token(last_train["loss"])
+      util = metrics_lib.mfu(fpt, tok_per_s)
+      if util is not None:
+        last_train["mfu"] = util
+      pending = []
+      writer.write(done, last_train, prefix="train/")
+      pbar.set_postfix(loss=f"{last_train['loss']:.4f}", mfu=metrics_lib.fmt_mfu(util))
+      stop = False
+      if eval_due:
+        val = step_lib.evaluate(eval_step, state.params, data.validation_batches())
+        val["bits_per_token"] = metrics_lib.bits_per_token(val["loss"])
+        val_step = done
+        writer.write(done, val, prefix="val/")
+        if val["loss"] < best_val:
+          best_val = val["loss"]
+          ckpt.save_best(done, state, data.train.get_state(), meta())
+        stop = 0 < t.early_stop_accuracy < val["accuracy"]
+      if ckpt_due or stop:
+        if not ckpt_lib.all_finite(state.params):
+          raise NonFiniteLossError(done, f"Parameters became non-finite by step {done}; the "
+                                   f"last good checkpoint is step {ckpt.latest_step()}.")
+        ckpt.save(done, state, data.train.get_state(), meta())
+      meter = metrics_lib.Throughput()  # eval and checkpoint time is not training time
+      if stop:
+        tqdm.write(f"validation accuracy {val['accuracy']:.4f} > train.early_stop_accuracy="
+                   f"{t.early_stop_accuracy}: stopping at step {done}.")
+        break
+    if pending:
+      check_finite(pending)
+  finally:
+    pbar.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+
+  step = int(jax.device_get(state.step))
+  if val is None or val_step != step:
+    val = step_lib.evaluate(eval_step, state.params, data.validation_batches())
+    val["bits_per_token"] = metrics_lib.bits_per_token(val["loss"])
+  summary.update(step=step, train=last_train, val=val,
+                 best_val_loss=min(best_val, val["loss"]))
+  if t.sample_tokens > 0 and data.decode is not None:
+    summary["sample"] = sample_text(model, state.params, data, config)
+    tqdm.write("sample:\n" + summary["sample"])
+  return summary
+
+
+def sample_text(model, params, data: DataSplits, config) -> str:
+  """Prompt with the first tokens of the validation split and decode a continuation."""
+  from seqmix.models.generate import generate  # pylint: disable=g-import-not-at-top
+  t = config.train
+  first = next(iter(data.validation_batches()))
+  prompt = [int(x) for x in np.asarray(first["inputs"])[0, :int(t.sample_prompt_len)]]
+  n_new = int(t.sample_tokens)
+  if config.model.get("pos_embedding", "none") == "learned":
+    n_new = min(n_new, int(config.model.max_len) - len(prompt))
+  out = generate(model, params, [prompt], max_new_tokens=n_new,
+                 rng=jax.random.PRNGKey(int(config.seed) + 1),
+                 temperature=float(t.sample_temperature),
+                 top_k=int(t.sample_top_k) or None)
+  tokens = out[0] if isinstance(out, tuple) else out
+  return data.decode(prompt + [int(x) for x in np.asarray(tokens)[0]])
