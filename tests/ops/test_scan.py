@@ -1,0 +1,151 @@
+"""linear_scan: every impl against the `reference` oracle (outputs, final state, all gradients)."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from seqmix.ops.scan import linear_scan
+from seqmix.testing import RTOL, assert_rel_close, assert_trees_rel_close
+
+B, D = 2, 6
+IMPLS = ("associative", "chunked")
+
+
+def _inputs(seed, t, kind, dtype, with_init):
+  """a: mixed-sign real with exact zeros (resets), or complex |a| < 1 (LRU)."""
+  rng = np.random.default_rng(seed)
+  shape = (B, t, D)
+  if kind == "real":
+    a = rng.uniform(-1.0, 1.0, shape)
+    a[rng.random(shape) < 0.05] = 0.0
+    x = rng.normal(size=shape)
+    h0 = rng.normal(size=(B, D)) if with_init else None
+  else:
+    a = rng.uniform(0.5, 0.999, shape) * np.exp(1j * rng.uniform(-np.pi, np.pi, shape))
+    a[rng.random(shape) < 0.05] = 0.0
+    x = rng.normal(size=shape) + 1j * rng.normal(size=shape)
+    h0 = (rng.normal(size=(B, D)) + 1j * rng.normal(size=(B, D))) if with_init else None
+  if kind == "real":
+    a, x = jnp.asarray(a, dtype), jnp.asarray(x, dtype)
+    h0 = None if h0 is None else jnp.asarray(h0, jnp.float32)
+  else:  # complex has no bf16: the compute dtype is complex64 either way
+    a, x = jnp.asarray(a, jnp.complex64), jnp.asarray(x, jnp.complex64)
+    h0 = None if h0 is None else jnp.asarray(h0, jnp.complex64)
+  return a, x, h0
+
+
+def _value_and_grads(impl, a, x, h0, chunk_size, seed):
+  """Outputs, final state and the VJP of a random cotangent on both w.r.t. (a, x, h0)."""
+
+  def f(a, x, h0):
+    h, h_t = linear_scan(a, x, initial_state=h0, chunk_size=chunk_size, impl=impl)
+    return h.astype(jnp.complex64 if jnp.iscomplexobj(h) else jnp.float32), h_t
+
+  (h, h_t), vjp = jax.vjp(f, a, x, h0)
+  rng = np.random.default_rng(seed + 1)
+  cot_h = jnp.asarray(rng.normal(size=h.shape), h.dtype)
+  cot_s = jnp.asarray(rng.normal(size=h_t.shape), h_t.dtype)
+  grads = vjp((cot_h, cot_s))
+  return (h, h_t), [g.astype(jnp.complex64 if jnp.iscomplexobj(g) else jnp.float32)
+                    for g in grads if g is not None]
+
+
+def _check(impl, t, kind, dtype, with_init, chunk_size, seed=0):
+  a, x, h0 = _inputs(seed, t, kind, dtype, with_init)
+  if h0 is None:  # differentiate w.r.t. a zero initial state too
+    h0 = jnp.zeros((B, D), jnp.complex64 if kind == "complex" else jnp.float32)
+  out, grads = _value_and_grads(impl, a, x, h0, chunk_size, seed)
+  ref_out, ref_grads = _value_and_grads("reference", a, x, h0, chunk_size, seed)
+  rtol = RTOL[jnp.dtype(dtype).name] if kind == "real" else RTOL["float32"]
+  # The reference runs on the same bf16-rounded inputs in float32, so both sides differ only
+  # by float32 summation order before the final bf16 cast of h: float32 tolerance for the
+  # state and the gradients, bf16 tolerance for the bf16 output.
+  assert_rel_close(out[0], ref_out[0], rtol, f"{impl} h")
+  assert_rel_close(out[1], ref_out[1], RTOL["float32"], f"{impl} h_T")
+  for name, g, rg in zip(("da", "dx", "dh0"), grads, ref_grads):
+    assert_rel_close(g, rg, RTOL["float32"] if name == "dh0" else rtol, f"{impl} {name}")
+
+
+def test_reference_matches_float64_loop():
+  a, x, h0 = _inputs(3, 37, "complex", jnp.float32, True)
+  h, h_t = linear_scan(a, x, initial_state=h0, impl="reference")
+  a64, x64, h = np.asarray(a, np.complex128), np.asarray(x, np.complex128), np.asarray(h)
+  s = np.asarray(h0, np.complex128)
+  want = []
+  for t in range(a64.shape[1]):
+    s = a64[:, t] * s + x64[:, t]
+    want.append(s)
+  assert_rel_close(h, np.stack(want, 1), RTOL["float32"], "h")
+  assert_rel_close(h_t, s, RTOL["float32"], "h_T")
+
+
+# One sampled combo per row covers every axis value at least once; the product is slow.
+SAMPLED = [
+    # impl, T, kind, dtype, with_init, chunk_size
+    ("associative", 1, "real", jnp.float32, True, 16),
+    ("chunked", 1, "complex", jnp.float32, False, 64),
+    ("chunked", 63, "real", jnp.float32, True, 16),
+    ("associative", 100, "complex", jnp.float32, True, 64),
+    ("chunked", 100, "real", jnp.bfloat16, False, 64),
+    ("chunked", 1024, "complex", jnp.float32, True, 64),
+    ("associative", 63, "real", jnp.bfloat16, True, 16),
+]
+
+
+@pytest.mark.parametrize("impl,t,kind,dtype,with_init,chunk_size", SAMPLED)
+def test_impl_matches_reference(impl, t, kind, dtype, with_init, chunk_size):
+  _check(impl, t, kind, dtype, with_init, chunk_size)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl,t,kind,dtype,with_init,chunk_size", list(itertools.product(
+    IMPLS, (1, 63, 100, 1024), ("real", "complex"), (jnp.float32, jnp.bfloat16),
+    (False, True), (16, 64))))
+def test_impl_matches_reference_full(impl, t, kind, dtype, with_init, chunk_size):
+  if kind == "complex" and dtype == jnp.bfloat16:
+    pytest.skip("complex inputs have no bfloat16 form")
+  _check(impl, t, kind, dtype, with_init, chunk_size)
+
+
+@pytest.mark.parametrize("impl", ("reference",) + IMPLS)
+def test_split_equals_whole(impl):
+  a, x, h0 = _inputs(5, 100, "real", jnp.float32, True)
+  h, h_t = linear_scan(a, x, initial_state=h0, chunk_size=16, impl=impl)
+  h1, s1 = linear_scan(a[:, :37], x[:, :37], initial_state=h0, chunk_size=16, impl=impl)
+  h2, s2 = linear_scan(a[:, 37:], x[:, 37:], initial_state=s1, chunk_size=16, impl=impl)
+  assert_trees_rel_close((jnp.concatenate([h1, h2], 1), s2), (h, h_t), RTOL["float32"])
+
+
+def test_zero_is_a_hard_reset():
+  a, x, h0 = _inputs(6, 20, "real", jnp.float32, True)
+  a = a.at[:, 10].set(0.0)
+  for impl in ("reference",) + IMPLS:
+    h, _ = linear_scan(a, x, initial_state=h0, chunk_size=8, impl=impl)
+    fresh, _ = linear_scan(a[:, 10:], x[:, 10:], chunk_size=8, impl=impl)
+    assert_rel_close(h[:, 10:], fresh, RTOL["float32"], impl)
+
+
+def test_broadcast_and_dtypes():
+  a = jnp.full((B, 9, 4, 1), 0.5, jnp.float32)  # one multiplier shared over the last axis
+  x = jnp.ones((B, 9, 4, 3), jnp.bfloat16)
+  h, h_t = linear_scan(a, x, impl="chunked", chunk_size=4)
+  assert h.shape == (B, 9, 4, 3) and h.dtype == jnp.bfloat16
+  assert h_t.shape == (B, 4, 3) and h_t.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(h_t), 2 * (1 - 0.5**9), rtol=1e-6)
+  hc, hc_t = linear_scan(a.astype(jnp.complex64), x.astype(jnp.float32), impl="associative")
+  assert hc.dtype == jnp.complex64 and hc_t.dtype == jnp.complex64
+
+
+def test_jit_and_errors():
+  a, x, h0 = _inputs(7, 33, "real", jnp.float32, True)
+  f = jax.jit(lambda a, x, h0: linear_scan(a, x, initial_state=h0, chunk_size=16,
+                                           impl="chunked"))
+  assert_trees_rel_close(f(a, x, h0), linear_scan(a, x, initial_state=h0, impl="reference"),
+                         RTOL["float32"])
+  with pytest.raises(NotImplementedError, match="reference"):
+    linear_scan(a, x, impl="pallas")
+  with pytest.raises(ValueError, match="initial_state"):
+    linear_scan(a, x, initial_state=h0[:, :2])
