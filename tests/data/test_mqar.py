@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from seqmix.data import mqar
+from seqmix.data import mqar, text
 
 CFG = mqar.MQARConfig(vocab_size=128, seq_len=64, num_kv_pairs=8)
 ONE = {"process_index": 0, "process_count": 1}
@@ -76,7 +76,7 @@ def test_config_checks(kw, match):
 
 def test_train_and_test_sets():
   train = mqar.mqar_train(CFG, num_examples=10, batch_size=4, seed=0, **ONE)
-  it = iter(train.to_iter_dataset())
+  it = iter(train.to_iter_dataset(text.default_read_options()))
   rows = np.concatenate([next(it)["inputs"] for _ in range(5)])  # 20 rows = two epochs
   train_set = {tuple(r) for r in mqar.generate_mqar(CFG, 10, 0)[0]}
   assert {tuple(r) for r in rows} == train_set
