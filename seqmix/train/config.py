@@ -77,11 +77,18 @@ def _mixer_fields(cls) -> set[str]:
   return {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Raise ConfigError for a config that cannot train; does not touch data or devices."""
-  from seqmix import registry  # pylint: disable=g-import-not-at-top
-  from seqmix.mixers.base import check_divisible  # pylint: disable=g-import-not-at-top
+def _field_default(cls, field: str):
+  for f in dataclasses.fields(cls):
+    if f.name == field and f.default is not dataclasses.MISSING:
+      return f.default
+  return None
 
+
+def validate(config: ml_collections.ConfigDict, *, check_model: bool = True) -> None:
+  """Raise ConfigError for a config that cannot train; does not touch data or devices.
+
+  check_model=False skips the model block (a caller that supplies its own module).
+  """
   _check_keys("config", config, TOP_LEVEL)
   for key in TOP_LEVEL:
     if key not in config:
@@ -105,7 +112,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0 <= t.min_lr <= t.lr:
     raise ConfigError(f"train.min_lr={t.min_lr} must lie in [0, train.lr={t.lr}].")
 
-  m = config.model
+  if check_model:
+    _validate_model(config.model, t)
+
+
+def _validate_model(m, t) -> None:
+  from seqmix import registry  # pylint: disable=g-import-not-at-top
+  from seqmix.mixers.base import check_divisible  # pylint: disable=g-import-not-at-top
   valid = model_fields()
   if valid is not None:
     _check_keys("model", m, valid)
@@ -129,7 +142,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise _unknown(f"model.mixer_kwargs.{name}", key, fields - {"d_model", "layer_idx",
                                                                   "n_layers", "dtype",
                                                                   "param_dtype"})
-    heads = dict(kw).get("num_heads")
+    heads = dict(kw).get("num_heads", _field_default(registry.get(name).cls, "num_heads"))
     if heads is not None:
       try:
         check_divisible("model.d_model", int(m.d_model), int(heads),

@@ -92,21 +92,26 @@ def _due(step: int, every: int, last: int) -> bool:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Hook] = (),
-          data: DataSplits | None = None) -> dict[str, Any]:
+          data: DataSplits | None = None, model: Any = None) -> dict[str, Any]:
   """Train (or resume) the run of `config` in `workdir`; returns final metrics.
 
   hooks: called as hook(step, metrics) after every update (metrics are device arrays);
   an exception from a hook stops the run like a kill would (checkpoints are kept).
   data: a DataSplits to use instead of building it from config.data (tests).
+  model: a Linen module with LanguageModel's call signature to use instead of
+    config.model (tests); config.model is then not validated.
   Raises ConfigError before compiling for configs that cannot run, and NonFiniteLossError
   naming the step at which the loss became non-finite (the last good checkpoint is kept;
   the bad state is never saved).
   """
-  config_lib.validate(config)
+  config_lib.validate(config, check_model=model is None)
   t = config.train
   os.makedirs(workdir, exist_ok=True)
   data = data or make_data(config)
-  model = build_model(config.model, data.vocab_size)
+  n_attention = 0
+  if model is None:
+    model = build_model(config.model, data.vocab_size)
+    n_attention = metrics_lib.count_attention_layers(config.model)
   schedule = optim.lr_schedule(peak_lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps,
                                decay_steps=t.decay_steps)
   optimizer = optim.make_optimizer(t)
@@ -120,7 +125,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Ho
   if ckpt.latest_step() is not None:
     state, data_state, meta = ckpt.restore(state)
     data.train.set_state(data_state)
-    best_val = float(meta.get("best_val_loss", math.inf))
+    saved_best = meta.get("best_val_loss")
+    best_val = math.inf if saved_best is None else float(saved_best)
   start = int(jax.device_get(state.step))
 
   train_step = step_lib.make_train_step(model, optimizer, grad_accum=int(t.grad_accum),
@@ -130,8 +136,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Ho
   n_params = metrics_lib.param_count(state.params)
   fpt = metrics_lib.flops_per_token(
       metrics_lib.matmul_param_count(state.params),
-      n_attention_layers=metrics_lib.count_attention_layers(config.model),
-      d_model=int(config.model.d_model), seq_len=int(t.seq_len))
+      n_attention_layers=n_attention, d_model=int(config.model.get("d_model", 0)),
+      seq_len=int(t.seq_len))
   tqdm.write(f"model: {n_params:,} parameters; training steps {start} -> {t.steps}; "
              f"workdir {workdir}")
 
