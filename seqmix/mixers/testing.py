@@ -1,0 +1,284 @@
+"""Shared checks of the mixer protocol (DESIGN.md, "Mixer protocol"), used by
+`tests/mixers/test_protocol.py` over every registered mixer and usable on an unregistered
+mixer while it is being written:
+
+    from seqmix.mixers import testing as mt
+    m = mt.build("gla")                       # registry test_kwargs at d_model=32
+    mt.check_causal(m, mt.init_params(m))
+
+Conventions the checks pin down:
+- Inputs are float32 `x [B, T, D]` drawn N(0, 1); parameters are the module's init with every
+  leaf that initialises to exactly zero replaced by N(0, 0.02²) (`init_params`), so a
+  zero-initialised output projection or bias cannot make a check vacuous.
+- Positions are the caller's: for packed documents the caller passes positions restarting at
+  0 in every document; a mixer may ignore them, never derive them from segment ids.
+- Decoding starts from `module.init_cache(B, max_len)` called on the unbound module (so
+  `init_cache` may only use dataclass fields) and passes `positions` only when the parallel
+  run does too (mixers default to arange(T) + tokens already cached).
+
+Nothing here registers a mixer. `ToyShiftMixer` is a small causal test double (a 3-tap
+shift over a projection) that the helper tests and the model tests use.
+"""
+
+import contextlib
+import functools
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from seqmix import registry
+from seqmix.mixers.base import MixerBase
+from seqmix.testing import RTOL, assert_rel_close
+
+D_MODEL = 32
+# A reset through a clamped log gate multiplies the state by exp(LOG_GATE_FLOOR) = e^-80
+# ≈ 1.8e-35 instead of 0 (seqmix.ops._chunk), so gradients across a document boundary may be
+# ~1e-35 × O(1) rather than exactly 0. Any real leak is many orders larger; 1e-20 relative to
+# the within-document gradient separates the two with margin on both sides.
+SEGMENT_LEAK_RTOL = 1e-20
+
+
+def build(name: str, d_model: int = D_MODEL, **overrides) -> nn.Module:
+  """The registered mixer `name` with its registry `test_kwargs` (updated by `overrides`)."""
+  info = registry.get(name)
+  if info.is_pattern:
+    raise ValueError(f"{name!r} is a layer pattern, not a mixer; build one of {info.pattern}.")
+  kwargs = {**info.test_kwargs, **overrides}
+  return info.cls(d_model=d_model, **kwargs)
+
+
+def _normal(seed: int, shape, dtype=jnp.float32):
+  # Host-side numpy draws: an eager jax.random call compiles per shape, which would dominate
+  # the runtime of these small checks.
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32), dtype)
+
+
+def random_inputs(seed: int, batch: int, t: int, d: int = D_MODEL, dtype=jnp.float32):
+  """x [B, T, D] ~ N(0, 1)."""
+  return _normal(seed, (batch, t, d), dtype)
+
+
+def init_params(module, x=None, seed: int = 0, zero_fill_std: float = 0.02):
+  """Params of `module` (init on x, default [1, 4, d_model]) with all-zero leaves made random."""
+  if x is None:
+    x = random_inputs(seed + 1, 1, 4, module.d_model)
+  params = jax.jit(module.init)(jax.random.key(seed), x)["params"]
+  params = nn.meta.unbox(params)
+  leaves, tree = jax.tree.flatten(params)
+  out = []
+  for i, leaf in enumerate(leaves):
+    if jnp.issubdtype(leaf.dtype, jnp.inexact) and not np.any(np.asarray(leaf) != 0):
+      leaf = (zero_fill_std * _normal(seed + 100 + i, leaf.shape)).astype(leaf.dtype)
+    out.append(leaf)
+  return jax.tree.unflatten(tree, out)
+
+
+class Runner:
+  """Jitted apply of one (module, params): parallel forward, cached chunks, gradients."""
+
+  def __init__(self, module, params):
+    self.module, self.params = module, params
+
+    def fwd(p, x, cache, segment_ids, positions):
+      return module.apply({"params": p}, x, cache=cache, segment_ids=segment_ids,
+                          positions=positions)
+
+    self._fwd = jax.jit(fwd)
+
+  def __call__(self, x, *, cache=None, segment_ids=None, positions=None, params=None):
+    """x [B, T, D] -> (y [B, T, D], cache)."""
+    return self._fwd(self.params if params is None else params, x, cache, segment_ids, positions)
+
+  def init_cache(self, batch: int, max_len: int):
+    return self.module.init_cache(batch, max_len)
+
+  def decode(self, x, *, segment_ids=None, positions=None, chunks=None, max_len=None):
+    """Run x [B, T, D] through the cache in chunks (default: one token at a time) -> y."""
+    b, t, _ = x.shape
+    chunks = chunks or [1] * t
+    if sum(chunks) != t:
+      raise ValueError(f"chunks {chunks} do not sum to T={t}.")
+    cache = self.init_cache(b, max_len or t)
+    ys, start = [], 0
+    for n in chunks:
+      sl = slice(start, start + n)
+      y, cache = self(x[:, sl], cache=cache,
+                      segment_ids=None if segment_ids is None else segment_ids[:, sl],
+                      positions=None if positions is None else positions[:, sl])
+      if cache is None:
+        raise AssertionError(f"{type(self.module).__name__} returned cache=None when given a "
+                             f"cache; it must return the updated cache.")
+      ys.append(y)
+      start += n
+    return jnp.concatenate(ys, axis=1)
+
+
+def _rtol(tol):
+  return RTOL["float32"] if tol is None else tol
+
+
+def check_causal(module, params, x=None):
+  """∂y_t/∂x_s == 0 exactly for every s > t, and some ∂y_t/∂x_s != 0 for s < t (it mixes).
+
+  One vjp per output position t (vmapped) with a random cotangent on y_t.
+  """
+  x = random_inputs(3, 2, 8, module.d_model) if x is None else x
+  b, t, d = x.shape
+
+  cot = np.random.default_rng(4).standard_normal((t, b, t, d), np.float32)
+  cot *= np.eye(t, dtype=np.float32)[:, None, :, None]     # cotangent only on y_t [t, b, t, d]
+
+  @jax.jit
+  def input_grads(p, x_, c):
+    _, vjp = jax.vjp(lambda z: module.apply({"params": p}, z)[0], x_)
+    return jax.vmap(vjp)(c.astype(x_.dtype))[0]             # ∂<c_t, y_t>/∂x  [t, b, t, d]
+
+  g = np.asarray(input_grads(params, x, cot))
+  assert np.all(np.isfinite(g)), "non-finite input gradients"
+  per_pair = np.abs(g).max(axis=(1, 3))                    # [t_out, s_in]
+  future = np.triu(per_pair, k=1)
+  bad = np.argwhere(future != 0)
+  assert bad.size == 0, (f"not causal: ∂y_t/∂x_s != 0 for (t, s) in {bad[:5].tolist()} "
+                         f"(max {future.max():.3e})")
+  past = np.tril(per_pair, k=-1)
+  assert past.max() > 0, "y_t does not depend on any earlier x_s: the module mixes no tokens"
+
+
+def check_decode_matches_parallel(runner, x, *, rtol=None):
+  """Token-by-token decoding through the cache equals the parallel forward."""
+  y_par, _ = runner(x)
+  assert_rel_close(runner.decode(x), y_par, _rtol(rtol), "decode vs parallel")
+
+
+def check_split_prefill(runner, x, split: int, *, rtol=None):
+  """A prefill of x[:, :split] then x[:, split:] from the returned cache equals the whole."""
+  y_par, _ = runner(x)
+  t = x.shape[1]
+  y = runner.decode(x, chunks=[split, t - split])
+  assert_rel_close(y, y_par, _rtol(rtol), f"prefill {split}+{t - split} vs parallel")
+
+
+def packed_pair(x, first: int):
+  """Segment ids and positions for x [B, T, D] packed as two documents [0, first), [first, T)."""
+  b, t, _ = x.shape
+  ar = jnp.arange(t, dtype=jnp.int32)
+  seg = jnp.broadcast_to(jnp.where(ar < first, 1, 2).astype(jnp.int32), (b, t))
+  pos = jnp.broadcast_to(jnp.where(ar < first, ar, ar - first).astype(jnp.int32), (b, t))
+  return seg, pos
+
+
+def check_segments(runner, x, first: int, *, rtol=None, decode=True):
+  """Document 2 of a packed pair equals document 2 alone; no gradient reaches document 1.
+
+  With `decode`, the packed pair decoded token by token gives the same document-2 outputs.
+  """
+  module, params = runner.module, runner.params
+  b, t, _ = x.shape
+  seg, pos = packed_pair(x, first)
+  alone_pos = pos[:, first:]
+  y_alone, _ = runner(x[:, first:], positions=alone_pos)
+  y_packed, _ = runner(x, segment_ids=seg, positions=pos)
+  assert_rel_close(y_packed[:, first:], y_alone, _rtol(rtol), "packed doc 2 vs alone")
+
+  w = _normal(5, y_alone.shape)
+
+  def doc2_loss(x_):
+    y = module.apply({"params": params}, x_, segment_ids=seg, positions=pos)[0]
+    return jnp.sum(y[:, first:].astype(jnp.float32) * w)
+
+  g = np.asarray(jax.jit(jax.grad(doc2_loss))(x))
+  assert np.all(np.isfinite(g)), "non-finite gradients with segment ids"
+  leak, own = np.abs(g[:, :first]).max(), np.abs(g[:, first:]).max()
+  assert own > 0, "document-2 outputs do not depend on document-2 inputs"
+  assert leak <= SEGMENT_LEAK_RTOL * own, (
+      f"gradient of document-2 outputs reaches document-1 inputs: max {leak:.3e} "
+      f"(document 2: {own:.3e})")
+  if decode:
+    y_dec = runner.decode(x, segment_ids=seg, positions=pos)
+    assert_rel_close(y_dec[:, first:], y_alone, _rtol(rtol), "decoded packed doc 2 vs alone")
+    assert_rel_close(y_dec, y_packed, _rtol(rtol), "decoded packed vs parallel packed")
+
+
+def check_finite_grads(module, params, x):
+  """A scalar loss has finite, not-all-zero gradients w.r.t. params and inputs."""
+
+  def loss(p, x_):
+    y = module.apply({"params": p}, x_)[0].astype(jnp.float32)
+    return jnp.mean(jnp.square(y)) + jnp.mean(jnp.sin(y))
+
+  gp, gx = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(gp)[0]:
+    assert np.all(np.isfinite(np.asarray(leaf))), f"non-finite grad at {jax.tree_util.keystr(path)}"
+  assert np.all(np.isfinite(np.asarray(gx))), "non-finite input gradient"
+  assert float(jnp.abs(gx).max()) > 0, "input gradient is identically zero"
+
+
+class ToyCache(NamedTuple):
+  inputs: jax.Array  # [B, L-1, D] the previous L-1 projected inputs, oldest first
+  seg: jax.Array     # [B, L-1] int32 their segment ids (-1 before the first token)
+
+
+class ToyShiftMixer(MixerBase):
+  """Test double: y_t = W_o Σ_{s<L} k_s ⊙ (W_i x)_{t−s}, taps masked across documents.
+
+  taps: L. leak_future / ignore_segments: deliberate protocol violations, for testing that
+  the checks above catch them. Not registered.
+  """
+  taps: int = 3
+  leak_future: bool = False
+  ignore_segments: bool = False
+
+  def init_cache(self, batch_size, max_len, dtype=jnp.float32):
+    del max_len
+    return ToyCache(jnp.zeros((batch_size, self.taps - 1, self.d_model), dtype),
+                    jnp.full((batch_size, self.taps - 1), -1, jnp.int32))
+
+  @nn.compact
+  def __call__(self, x, *, segment_ids=None, positions=None, cache=None, deterministic=True):
+    del positions, deterministic
+    b, t, d = x.shape
+    l1 = self.taps - 1
+    dense = functools.partial(nn.Dense, d, use_bias=False, dtype=self.dtype,
+                              param_dtype=self.param_dtype)
+    u = dense(name="w_in")(x)
+    k = self.param("taps_kernel", nn.initializers.normal(0.5), (self.taps, d), self.param_dtype)
+    seg = (jnp.zeros((b, t), jnp.int32) if segment_ids is None or self.ignore_segments
+           else segment_ids.astype(jnp.int32))
+    past = jnp.zeros((b, l1, d), u.dtype) if cache is None else cache.inputs.astype(u.dtype)
+    past_seg = jnp.full((b, l1), -1, jnp.int32) if cache is None else cache.seg
+    full = jnp.concatenate([past, u], axis=1)             # [b, l1 + t, d]
+    full_seg = jnp.concatenate([past_seg, seg], axis=1)   # [b, l1 + t]
+    y = jnp.zeros_like(u)
+    for s in range(self.taps):
+      same = (full_seg[:, l1 - s:l1 - s + t] == seg)[..., None]
+      y = y + jnp.where(same, full[:, l1 - s:l1 - s + t] * k[s].astype(u.dtype), 0)
+    if self.leak_future:
+      y = y + 0.1 * jnp.concatenate([u[:, 1:], jnp.zeros_like(u[:, :1])], axis=1)
+    y = dense(name="w_out")(y)
+    new_cache = None if cache is None else ToyCache(
+        full[:, full.shape[1] - l1:].astype(cache.inputs.dtype), full_seg[:, full.shape[1] - l1:])
+    return y, new_cache
+
+
+@contextlib.contextmanager
+def temporarily_registered(name: str, cls, **meta):
+  """Register `cls` as `name` for the duration of a `with` block (tests of the model only)."""
+  registry.names()  # load every real mixer first so removal restores exactly the old state
+  if name in registry._REGISTRY:  # pylint: disable=protected-access
+    raise ValueError(f"{name!r} is already registered.")
+  meta = {"paper": "test double", "year": 2024, "venue": "tests", "family": "linear-rnn",
+          "op": "none", **meta}
+  registry.register(name, **meta)(cls)
+  try:
+    yield registry.get(name)
+  finally:
+    registry._REGISTRY.pop(name, None)  # pylint: disable=protected-access
+
+
+__all__ = ["D_MODEL", "SEGMENT_LEAK_RTOL", "build", "random_inputs", "init_params", "Runner",
+           "check_causal", "check_decode_matches_parallel", "check_split_prefill",
+           "packed_pair", "check_segments", "check_finite_grads", "ToyShiftMixer", "ToyCache",
+           "temporarily_registered"]
