@@ -29,7 +29,7 @@ import grain
 import jax.numpy as jnp
 import numpy as np
 
-IGNORE = -100
+from seqmix.data.common import IGNORE, process_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +71,7 @@ def generate_mqar(cfg: MQARConfig, num_examples: int, seed: int) -> tuple[np.nda
   half = cfg.vocab_size // 2
   key_choices = np.arange(1, half)
   value_choices = np.arange(half, cfg.vocab_size)
-  # Row by row in zoology's order (all keys, then all values, then all slots) keeps the streams equal.
+  # Row by row in zoology's order (all keys, then all values, then all slots): same RNG stream.
   keys = np.stack([rng.choice(key_choices, replace=False, size=pairs) for _ in range(n)])  # [n, P]
   values = np.stack([rng.choice(value_choices, replace=False, size=pairs) for _ in range(n)])
 
@@ -123,8 +123,6 @@ def mqar_train(cfg: MQARConfig, *, num_examples: int, batch_size: int, seed: int
 
   Each process gets `batch_size // process_count` rows of each global batch (disjoint).
   """
-  from seqmix.data.text import process_rows  # pylint: disable=g-import-not-at-top
-
   p, count, rows = process_rows(batch_size, process_index, process_count)
   ds = mqar_dataset(cfg, num_examples, seed).shuffle(seed=seed).repeat(None)
   return ds[p::count].batch(rows, drop_remainder=True)
@@ -138,8 +136,6 @@ def mqar_test(cfg: MQARConfig, *, num_examples: int, batch_size: int, seed: int,
   The last batch is padded with all -100 rows; `mqar_accuracy` leaves them out of the mean.
   Global batch `j` holds examples `[jB, (j+1)B)`; process `p` gets the `p`-th block of it.
   """
-  from seqmix.data.text import process_rows  # pylint: disable=g-import-not-at-top
-
   p, _, rows = process_rows(batch_size, process_index, process_count)
   inputs, targets = generate_mqar(cfg, num_examples, seed + 10)
   num_batches = math.ceil(num_examples / batch_size)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import grain
 import numpy as np
 
-IGNORE = -100
+from seqmix.data.common import IGNORE, default_read_options, process_rows
 
 
 def positions_from_segment_ids(segment_ids: np.ndarray) -> np.ndarray:
@@ -73,8 +73,6 @@ def packed_documents(read_document, num_documents: int, *, seq_len: int, batch_s
   Returns:
     `grain.IterDataset` of batches (dict of int32 `[B/P, T]`); `iter(...)` is resumable.
   """
-  from seqmix.data.text import default_read_options, process_rows  # pylint: disable=g-import-not-at-top
-
   if num_documents < 1:
     raise ValueError("packed_documents needs at least one document.")
   p, count, rows = process_rows(batch_size, process_index, process_count)

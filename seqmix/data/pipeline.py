@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from seqmix.data import corpora, mqar, packing, text, token_store, tokenizers
+from seqmix.data import common, corpora, mqar, packing, text, token_store, tokenizers
 
 _REQUIRED = object()
 
@@ -117,7 +117,7 @@ def _tokens(cfg, *, seq_len, batch_size, seed, **shard) -> Datasets:
     if val_store is None:
       _get(cfg, "val_path", what="packed training uses all of data.path; validation needs its "
            "own store")
-    p, count, _ = text.process_rows(batch_size, shard["process_index"], shard["process_count"])
+    p, count, _ = common.process_rows(batch_size, shard["process_index"], shard["process_count"])
     train = iter(packing.packed_documents(
         store.document, store.num_documents, seq_len=seq_len, batch_size=batch_size, seed=seed,
         process_index=p, process_count=count))
@@ -144,7 +144,7 @@ def _mqar(cfg, *, seq_len, batch_size, seed, **shard) -> Datasets:
   num_test = _get(cfg, "num_test_examples", what="size of the test set")
   train = mqar.mqar_train(mcfg, num_examples=num_train, batch_size=batch_size, seed=seed, **shard)
   test = mqar.mqar_test(mcfg, num_examples=num_test, batch_size=batch_size, seed=seed, **shard)
-  read_options = text.default_read_options()
+  read_options = common.default_read_options()
   return Datasets(
       train=iter(train.to_iter_dataset(read_options)),
       validation=lambda: iter(test.to_iter_dataset(read_options)),

@@ -29,9 +29,8 @@ from typing import Protocol
 import grain
 import numpy as np
 
+from seqmix.data.common import IGNORE, default_read_options, process_rows
 from seqmix.data.packing import positions_from_segment_ids
-
-IGNORE = -100  # targets not scored
 
 
 class TokenSource(Protocol):
@@ -100,26 +99,6 @@ def split_source(source, val_fraction: float = 0.1) -> tuple[TokenSource, TokenS
 def has_segments(source: TokenSource) -> bool:
   starts = source.document_starts
   return starts is not None and len(starts) > 1
-
-
-def process_rows(batch_size: int, process_index: int | None, process_count: int | None):
-  """(process_index, process_count, rows per process) with jax's values as defaults."""
-  if process_index is None or process_count is None:
-    import jax  # Imported here so data code runs in processes that never touch JAX.
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} not in [0, process_count={process_count}).")
-  if batch_size % process_count:
-    raise ValueError(
-        f"batch_size={batch_size} (global) must be divisible by process_count={process_count}; "
-        "set the batch size to a multiple of the number of hosts.")
-  return process_index, process_count, batch_size // process_count
-
-
-def default_read_options() -> grain.ReadOptions:
-  # Rows are cheap slices: two threads and a short buffer keep shared CPUs free.
-  return grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
 
 
 def window(source: TokenSource, start: int, seq_len: int) -> dict[str, np.ndarray]:
@@ -203,7 +182,8 @@ def validation_windows(tokens, *, seq_len: int, batch_size: int,
 
   Window `w` starts at `w·T`; there are `ceil((N-1)/T)` windows, padded with all-IGNORE rows to a
   multiple of the global batch. Global batch `j` holds rows `[jB, (j+1)B)`; process `p` gets its
-  contiguous block `[jB + p·B/P, jB + (p+1)·B/P)`, so every process sees the same number of batches.
+  contiguous block `[jB + p·B/P, jB + (p+1)·B/P)`, so all processes see the same number of
+  batches.
 
   Returns:
     `grain.MapDataset` of batches (dict of int32 `[B/P, T]`).

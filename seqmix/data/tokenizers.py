@@ -125,7 +125,8 @@ def tokenizer_from_json(text: str) -> Tokenizer:
   """Rebuilds a tokenizer from any tokenizer's `to_json()`."""
   kind = json.loads(text).get("type")
   if kind not in TOKENIZERS:
-    raise ValueError(f"Unknown tokenizer type {kind!r} in {text[:80]!r}; known: {sorted(TOKENIZERS)}.")
+    raise ValueError(
+        f"Unknown tokenizer type {kind!r} in {text[:80]!r}; known: {sorted(TOKENIZERS)}.")
   return TOKENIZERS[kind].from_json(text)
 
 

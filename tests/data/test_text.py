@@ -8,7 +8,7 @@ import pytest
 from seqmix.data import text
 
 N = 100_000
-TOKENS = np.arange(N, dtype=np.int32)  # token value == its offset: every row shows where it came from
+TOKENS = np.arange(N, dtype=np.int32)  # token value == its offset: a row shows where it starts
 ONE = {"process_index": 0, "process_count": 1}
 
 
