@@ -1,0 +1,144 @@
+"""Mamba's selective scan (S6): a diagonal SSM whose step size and B/C depend on the input.
+
+    selective_scan(u, delta, A, B, C, D=None, *, delta_bias=None, delta_softplus=False,
+                   initial_state=None, chunk_size=64, impl="auto") -> (y, h_T)
+
+    Δ_t = softplus(delta_t + delta_bias) if delta_softplus else delta_t + delta_bias   [B, D]
+    h_t = exp(Δ_t ⊗ A) ⊙ h_{t-1} + (Δ_t ⊙ u_t) ⊗ B_t                                   [B, D, N]
+    y_t = h_t C_t + D ⊙ u_t                                                             [B, D]
+
+(`⊗` an outer product over the channel and state axes.) The output gate `z` of Mamba belongs
+to the mixer, not to this op. `A` is real (Mamba's `-exp(A_log)`); a step with Δ_t = 0 leaves
+the state untouched.
+
+Impls (exact names):
+  reference  token-by-token `lax.scan` in float32; the oracle. Its backward keeps every h_t,
+             i.e. [B, T, D, N] floats.
+  chunked    a `lax.scan` over chunks of C = `chunk_size` steps. Each chunk builds its
+             discretised [B, C, D, N] tensors, runs a `lax.associative_scan` over them from the
+             carried state and contracts with C_t; the chunk body is rematerialised
+             (`jax.checkpoint`), so neither pass ever holds more than one chunk's [B, C, D, N]
+             plus the [B, D, N] chunk-boundary states.
+  pallas     not built.
+
+`auto` resolves to `chunked` (the only form whose memory does not grow with T·D·N).
+
+Dtypes: computed in float32; `y` in the dtype of `u`, the final state float32 [B, D, N].
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from seqmix.ops import _chunk
+from seqmix.ops._impl import resolve
+from seqmix.ops.scan import _associative
+
+IMPLS = {"reference": True, "chunked": True, "pallas": False}
+AUTO = {"default": "chunked"}
+
+
+def _discretise(delta_t, A, B_t, u_t):
+  """[b, ..., d] step sizes -> (exp(Δ A), Δ u B), both [b, ..., d, n]."""
+  d_a = jnp.exp(delta_t[..., None] * A)
+  d_bu = (delta_t * u_t)[..., None] * B_t[..., None, :]
+  return d_a, d_bu
+
+
+def _reference(u, delta, A, B, C, h0):
+  def step(h, inp):
+    u_t, delta_t, b_t, c_t = inp  # [b, d], [b, d], [b, n], [b, n]
+    d_a, d_bu = _discretise(delta_t, A, b_t, u_t)
+    h = d_a * h + d_bu  # [b, d, n]
+    return h, jnp.einsum("bdn,bn->bd", h, c_t)
+
+  xs = tuple(jnp.moveaxis(v, 1, 0) for v in (u, delta, B, C))  # [t, b, ...]
+  h_last, y = lax.scan(step, h0, xs)
+  return jnp.moveaxis(y, 0, 1), h_last  # [b, t, d]
+
+
+def _chunked(u, delta, A, B, C, h0, chunk_size):
+  c = min(int(chunk_size), u.shape[1])
+  # Padding Δ = 0 (after the bias and softplus) makes exp(ΔA) = 1 and ΔuB = 0: an identity step.
+  padded = [_chunk.pad_time(v, c)[0] for v in (u, delta, B, C)]
+  t = u.shape[1]
+  # [b, t, ...] -> [n_chunks, b, c, ...]
+  xs = tuple(jnp.moveaxis(_chunk.to_chunks(v, c), 1, 0) for v in padded)
+
+  @jax.checkpoint
+  def chunk(h, inp):
+    u_c, delta_c, b_c, c_c = inp  # [b, c, d], [b, c, d], [b, c, n], [b, c, n]
+    d_a, d_bu = _discretise(delta_c, A, b_c, u_c)  # [b, c, d, n]
+    hs, h = _associative(d_a, d_bu, h)
+    return h, jnp.einsum("bcdn,bcn->bcd", hs, c_c)
+
+  h_last, y = lax.scan(chunk, h0, xs)  # y [n_chunks, b, c, d]
+  y = _chunk.from_chunks(jnp.moveaxis(y, 0, 1))  # [b, t, d]
+  return y[:, :t], h_last
+
+
+@functools.partial(jax.jit, static_argnames=("delta_softplus", "chunk_size", "impl"))
+def selective_scan(u, delta, A, B, C, D=None, *, delta_bias=None, delta_softplus: bool = False,
+                   initial_state=None, chunk_size: int = 64, impl: str = "auto"):
+  """The selective SSM recurrence (module docstring) over time.
+
+  Args:
+    u: [B, T, D] inputs.
+    delta: [B, T, D] step sizes before the bias / softplus.
+    A: [D, N] real state matrix (diagonal per channel; negative for a decaying state).
+    B: [B, T, N] input projections.
+    C: [B, T, N] output projections.
+    D: [D] skip weight, or None.
+    delta_bias: [D] added to delta, or None.
+    delta_softplus: apply softplus to delta + delta_bias.
+    initial_state: [B, D, N] state before t = 0, zeros if None.
+    chunk_size: steps per chunk for impl="chunked" (any positive int).
+    impl: "reference" | "chunked" | "auto" ("pallas" is not built).
+
+  Returns:
+    (y [B, T, D] in u's dtype, h_T [B, D, N] float32).
+  """
+  impl = resolve("selective_scan", impl, IMPLS, AUTO)
+  if u.ndim != 3 or delta.shape != u.shape:
+    raise ValueError(f"selective_scan: u and delta must both be [B, T, D]; got {u.shape=}, "
+                     f"{delta.shape=}.")
+  b, t, d = u.shape
+  if A.ndim != 2 or A.shape[0] != d:
+    raise ValueError(f"selective_scan: A must be [D, N] with D={d}; got {A.shape=}.")
+  n = A.shape[1]
+  if B.shape != (b, t, n) or C.shape != (b, t, n):
+    raise ValueError(f"selective_scan: B and C must be [B, T, N] = {(b, t, n)}; got "
+                     f"{B.shape=}, {C.shape=}.")
+  for name, v in (("D", D), ("delta_bias", delta_bias)):
+    if v is not None and v.shape != (d,):
+      raise ValueError(f"selective_scan: {name} must be [D] = ({d},); got {v.shape}.")
+  if jnp.iscomplexobj(A):
+    raise ValueError("selective_scan: A must be real (Mamba's -exp(A_log)); for complex "
+                     "diagonal SSMs discretise in the mixer and use ops.scan.linear_scan.")
+  if chunk_size < 1:
+    raise ValueError(f"selective_scan: chunk_size must be a positive int; got {chunk_size}.")
+  f32 = jnp.float32
+  u32, delta32 = u.astype(f32), delta.astype(f32)
+  if delta_bias is not None:
+    delta32 = delta32 + delta_bias.astype(f32)
+  if delta_softplus:
+    delta32 = jax.nn.softplus(delta32)
+  if initial_state is None:
+    h0 = jnp.zeros((b, d, n), f32)
+  else:
+    if initial_state.shape != (b, d, n):
+      raise ValueError(f"selective_scan: initial_state must be [B, D, N] = {(b, d, n)}; got "
+                       f"{initial_state.shape}.")
+    h0 = initial_state.astype(f32)
+  if t == 0:
+    return jnp.zeros(u.shape, u.dtype), h0
+  args = (u32, delta32, A.astype(f32), B.astype(f32), C.astype(f32), h0)
+  if impl == "reference":
+    y, h_last = _reference(*args)
+  else:
+    y, h_last = _chunked(*args, chunk_size)
+  if D is not None:
+    y = y + D.astype(f32) * u32
+  return y.astype(u.dtype), h_last
