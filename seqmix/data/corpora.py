@@ -5,7 +5,8 @@
 1. `$SEQMIX_DATA_DIR/<file>` for each of the corpus's accepted file names
    (tinyshakespeare: `tinyshakespeare.txt`, `input.txt`, `tinyshakespeare/input.txt`);
 2. the user cache `$XDG_CACHE_HOME/seqmix/<name>.txt` (default `~/.cache/seqmix/`);
-3. the corpus's public URL, downloaded into that cache (atomically) after a sha256 check.
+3. the corpus's public URL, downloaded into that cache (atomically) after a sha256 check
+   (skipped when `SEQMIX_OFFLINE=1` or `download=False`).
 
 Every copy, local or downloaded, is checked against the known sha256, so a truncated or edited
 file fails loudly instead of silently changing the benchmark. `split_train_val` is nanoGPT's
@@ -23,6 +24,7 @@ import urllib.error
 import urllib.request
 
 DATA_DIR_ENV = "SEQMIX_DATA_DIR"
+OFFLINE_ENV = "SEQMIX_OFFLINE"  # "1": never download (CI, air-gapped hosts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,15 +86,18 @@ def _verify(data: bytes, corpus: Corpus, origin: str) -> None:
 
 
 def corpus_path(name: str, *, data_dir: str | os.PathLike | None = None,
-                download: bool = True) -> pathlib.Path:
+                download: bool | None = None) -> pathlib.Path:
   """Path of a verified local copy of corpus `name`, downloading it to the cache if needed.
 
   Args:
     name: a key of `CORPORA`.
     data_dir: looked in first; defaults to `$SEQMIX_DATA_DIR`.
-    download: if False, never touch the network (missing -> CorpusNotFoundError).
+    download: if False, never touch the network (missing -> CorpusNotFoundError); default:
+      True unless `$SEQMIX_OFFLINE` is 1.
   """
   corpus = get_corpus(name)
+  if download is None:
+    download = os.environ.get(OFFLINE_ENV, "").lower() not in ("1", "true", "yes")
   data_dir = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV)
   looked = []
   if data_dir:
@@ -108,12 +113,13 @@ def corpus_path(name: str, *, data_dir: str | os.PathLike | None = None,
     _verify(cached.read_bytes(), corpus, str(cached))
     return cached
 
-  hint = (f"Put the file at ${DATA_DIR_ENV}/{corpus.filenames[0]} (set {DATA_DIR_ENV} to a "
-          f"directory holding {corpus.url.rsplit('/', 1)[-1]!r} of {corpus.url} saved as "
-          f"{corpus.filenames[0]!r} or {corpus.filenames[1]!r}), or at {cached}. Looked in: "
-          f"{', '.join(looked)}.")
+  hint = (f"Save {corpus.url} ({corpus.num_bytes:,} bytes) as {corpus.filenames[0]!r} (or "
+          f"{corpus.filenames[1]!r}) in a directory and set {DATA_DIR_ENV} to that directory, or "
+          f"save it as {cached}. Looked in: {', '.join(looked)}.")
   if not download:
-    raise CorpusNotFoundError(f"Corpus {name!r} not found and downloads are off. {hint}")
+    raise CorpusNotFoundError(
+        f"Corpus {name!r} not found and downloads are off ({OFFLINE_ENV} or download=False). "
+        f"{hint}")
   try:
     data = _fetch(corpus.url)
   except (urllib.error.URLError, OSError, TimeoutError) as e:
@@ -131,7 +137,7 @@ def corpus_path(name: str, *, data_dir: str | os.PathLike | None = None,
 
 
 def load_corpus(name: str, *, data_dir: str | os.PathLike | None = None,
-                download: bool = True) -> str:
+                download: bool | None = None) -> str:
   """The text of corpus `name` (see the module docstring for the lookup order)."""
   return corpus_path(name, data_dir=data_dir, download=download).read_text(encoding="utf-8")
 

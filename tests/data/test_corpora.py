@@ -95,6 +95,12 @@ def test_offline_message_names_data_dir(fake_corpus, monkeypatch):
     corpora.load_corpus("tinyshakespeare", download=False)
 
 
+def test_offline_env_never_fetches(fake_corpus, monkeypatch):
+  monkeypatch.setenv(corpora.OFFLINE_ENV, "1")  # fake_corpus's _fetch fails the test if called
+  with pytest.raises(corpora.CorpusNotFoundError, match="SEQMIX_OFFLINE"):
+    corpora.load_corpus("tinyshakespeare")
+
+
 def test_unknown_corpus_lists_known():
   with pytest.raises(ValueError, match="tinyshakespeare"):
     corpora.load_corpus("wikitext")
