@@ -27,9 +27,11 @@ class TrainState:
 
 def init_params(model: nn.Module, rng: jax.Array, batch: dict):
   """Initialise `model` on the shapes of `batch` (`inputs` [B,T]); returns unboxed params."""
-  variables = model.init({"params": rng, "dropout": rng}, jnp.asarray(batch["inputs"][:1]),
-                         deterministic=True)
-  return nn.meta.unbox(variables["params"])
+  tokens = jnp.asarray(batch["inputs"][:1])
+  # One compiled init instead of hundreds of eagerly dispatched ops.
+  init = jax.jit(lambda r: nn.meta.unbox(
+      model.init({"params": r, "dropout": r}, tokens, deterministic=True)["params"]))
+  return init(rng)
 
 
 def create_train_state(model: nn.Module, optimizer: optax.GradientTransformation,
@@ -38,4 +40,4 @@ def create_train_state(model: nn.Module, optimizer: optax.GradientTransformation
   init_rng, step_rng = jax.random.split(rng)
   params = init_params(model, init_rng, batch)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=optimizer.init(params), rng=step_rng)
+                    opt_state=jax.jit(optimizer.init)(params), rng=step_rng)
