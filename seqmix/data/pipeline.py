@@ -20,7 +20,8 @@ or any object with attributes):
 - "mqar": `vocab_size`, `num_kv_pairs`, `num_train_examples`, `num_test_examples`, optional
   `power_a` (0.01), `random_non_queries` (True); `seq_len` is the sequence length. Train set
   from `seed`, test set from `seed + 10` (zoology).
-- "copy": the lag-k copy task of `seqmix.data.copying`; fields as that module documents.
+- "copy": the lag-k copy task of `seqmix.data.copying` (`targets[t] = inputs[t - lag]`); fields
+  as `seqmix.data.copying.make_datasets` documents (`vocab_size`, `lag`, `num_val_examples`).
 
 `batch_size` is global: each JAX process gets `batch_size // jax.process_count()` rows.
 """

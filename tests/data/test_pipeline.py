@@ -84,6 +84,16 @@ def test_mqar():
   assert _check_batches(ds, 32, 8) == 10 * 4  # every test example's 4 queries
 
 
+def test_copy_dispatch():
+  pytest.importorskip("seqmix.data.copying")
+  ds = pipeline.make_datasets(_cfg(name="copy", vocab_size=16, lag=2, num_val_examples=16),
+                              seq_len=12, batch_size=4, seed=0, **ONE)
+  assert ds.vocab_size == 16
+  batch = next(ds.train)
+  np.testing.assert_array_equal(batch["targets"][:, 2:], batch["inputs"][:, :-2])
+  assert _check_batches(ds, 12, 4) == 16 * 10
+
+
 @pytest.mark.parametrize("cfg,match", [
     (dict(name="wikitext"), "known: \\['copy', 'mqar', 'tinyshakespeare', 'tokens'\\]"),
     (dict(), "'name'"),
