@@ -49,6 +49,8 @@ def test_resume_equals_uninterrupted(tmp_path):
                        model=_model(config))
   assert [s for s, _ in straight] == list(range(8))
   assert summary["step"] == 8
+  # Validation is the whole test split: every example scores num_kv_pairs tokens.
+  assert summary["val"]["tokens"] == config.data.num_test_examples * config.data.num_kv_pairs
 
   first, second = [], []
   with pytest.raises(Killed):  # killed after update 5; newest checkpoint is step 3
