@@ -125,6 +125,11 @@ def _validate_model(m, t) -> None:
   for key in ("dtype", "param_dtype"):
     if key in m and str(m[key]) not in DTYPES:
       raise ConfigError(f"model.{key}={m[key]!r} is not one of {DTYPES}.")
+  if m.get("pos_embedding", "none") == "learned" and int(m.get("max_len", 0)) < t.seq_len:
+    raise ConfigError(f"model.max_len={m.get('max_len')} is shorter than train.seq_len="
+                      f"{t.seq_len}; learned positions need max_len >= seq_len.")
+  if str(m.mixer).strip() == "none":  # LanguageModel's control model without token mixing
+    return
   try:
     names = registry.expand_pattern(m.mixer, int(m.n_layers))
   except KeyError as e:
@@ -149,6 +154,3 @@ def _validate_model(m, t) -> None:
                         f"model.mixer_kwargs.{name}.num_heads")
       except ValueError as e:
         raise ConfigError(str(e)) from None
-  if m.get("pos_embedding", "none") == "learned" and int(m.get("max_len", 0)) < t.seq_len:
-    raise ConfigError(f"model.max_len={m.get('max_len')} is shorter than train.seq_len="
-                      f"{t.seq_len}; learned positions need max_len >= seq_len.")
