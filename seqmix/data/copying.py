@@ -51,6 +51,19 @@ def copy_batch(seed: int, step: int, *, batch_size: int, seq_len: int, vocab_siz
   return {k: np.stack([r[k] for r in rows]) for k in ("inputs", "targets")}
 
 
+def copy_arrays(seed: int, shape, *, vocab_size: int, lag: int = 2):
+  """A block of rows in one draw (for in-memory training loops, e.g. the mixer tests).
+
+  shape: leading dims + (T,), e.g. (steps, B, T). Returns (inputs, targets) int32 of `shape`.
+  A different stream from `copy_example`'s per-row one, equally deterministic given the seed.
+  """
+  _check(shape[-1], vocab_size, lag)
+  inputs = np.random.default_rng(int(seed)).integers(0, vocab_size, size=shape, dtype=np.int32)
+  targets = np.full(shape, IGNORE, np.int32)
+  targets[..., lag:] = inputs[..., :-lag]
+  return inputs, targets
+
+
 def copy_accuracy(logits_or_preds, targets) -> float:
   """Fraction of scored positions (targets != -100) predicted exactly."""
   preds = np.asarray(logits_or_preds)
