@@ -35,6 +35,7 @@ import difflib
 import math
 from typing import Any, Callable, NamedTuple
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -61,6 +62,14 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 
 # Fields the model passes to every mixer itself (not settable through mixer_kwargs).
 _MODEL_OWNED = ("d_model", "layer_idx", "n_layers", "dtype", "param_dtype", "parent", "name")
+
+
+def _freeze(x):
+  if isinstance(x, dict) or hasattr(x, "items"):
+    return flax.core.FrozenDict({k: _freeze(v) for k, v in x.items()})
+  if isinstance(x, (list, tuple)):
+    return tuple(_freeze(v) for v in x)
+  return x
 
 
 class BlockCache(NamedTuple):
@@ -207,6 +216,12 @@ class LanguageModel(nn.Module):
   embed_init_scale: float = 0.02
   init_std: float = 0.02
   residual_init_scaling: bool = False
+
+  def __post_init__(self):
+    # Hashable fields (jit static arguments, caches keyed by the model): nested dicts become
+    # FrozenDicts and lists tuples; mixers receive them as such.
+    object.__setattr__(self, "mixer_kwargs", _freeze(self.mixer_kwargs or {}))
+    super().__post_init__()
 
   def layer_mixers(self) -> list[str]:
     """One mixer name per layer, after checking the whole configuration."""
