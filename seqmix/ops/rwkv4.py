@@ -20,8 +20,8 @@ Impls (exact names):
              e^{(j-1-i) w + k_i - m_j} form a [B, C, C, D] lower-triangular matrix (row max m_j
              taken with the carried state's e^{j w + p}), and a `lax.scan` carries the state
              between chunks. The chunk body is rematerialised (`jax.checkpoint`), so memory
-             stays O(B T D). A ragged T is padded at the front with k = -1e38 tokens (weight 0)
-             and the initial state pre-scaled by e^{-pad w}, which those padded steps undo.
+             stays O(B T D). A ragged T is padded at the front with k = -1e38 tokens (weight 0),
+             and the first chunk's state decays count from its first real token.
   pallas     not built.
 
 `auto` resolves to `chunked` on GPU/TPU and to `reference` on CPU (no parallel hardware to use
@@ -43,6 +43,9 @@ AUTO = {"cpu": "reference", "default": "chunked"}
 
 # The official kernel's MIN_VALUE: the log of an empty sum.
 EMPTY_LOG = -1e38
+# Decays below this (down to -inf, a full reset every step) are clamped: (chunk lag 0) * -inf
+# would be NaN, and 128 * -1e30 still leaves room above EMPTY_LOG.
+W_FLOOR = -1e30
 
 
 class WKVState(NamedTuple):
@@ -88,25 +91,27 @@ def _chunked(w, u, k, v, state, chunk_size):
   t = k.shape[1]
   c = min(int(chunk_size), t)
   pad = (-t) % c
-  if pad:
-    # Front padding: zero-weight tokens, and a state that the `pad` extra decays bring back.
-    widths = ((0, 0), (pad, 0), (0, 0))
-    k = jnp.pad(k, widths, constant_values=EMPTY_LOG)
-    v = jnp.pad(v, widths)
-    state = state._replace(p=state.p - pad * w)
+  # Front padding with zero-weight tokens (k = -1e38); the first chunk's state-decay exponents
+  # count from its first real token (`first`), so padding adds no large offset to cancel.
+  widths = ((0, 0), (pad, 0), (0, 0))
+  k = jnp.pad(k, widths, constant_values=EMPTY_LOG)
+  v = jnp.pad(v, widths)
+  n_chunks = (t + pad) // c
+  first = jnp.zeros((n_chunks,), jnp.float32).at[0].set(pad)
   j = jnp.arange(c, dtype=jnp.float32)
   lag = j[:, None] - 1.0 - j[None, :]  # [j, i]: steps of decay from token i to output j
   strictly_lower = lag >= 0
 
   @jax.checkpoint
-  def chunk(s, kv):
+  def chunk(s, inp):
     a, b, p = s  # [b, d]
-    k_c, v_c = kv  # [b, c, d]
+    k_c, v_c, first_c = inp  # [b, c, d], [b, c, d], []
     # Exponents of every source of output j: earlier tokens, token j (bonus u), the state.
     pair = jnp.where(strictly_lower[None, :, :, None],
                      lag[None, :, :, None] * w + k_c[:, None, :, :], EMPTY_LOG)  # [b, j, i, d]
     pair = jnp.where(jnp.eye(c, dtype=bool)[None, :, :, None], u + k_c[:, None, :, :], pair)
-    from_state = j[None, :, None] * w + p[:, None, :]  # [b, j, d]
+    state_lag = jnp.maximum(j - first_c, 0.0)  # padded rows (j < first) are discarded
+    from_state = state_lag[None, :, None] * w + p[:, None, :]  # [b, j, d]
     # out does not depend on the stabiliser m (it cancels between num and den): no gradient.
     m = lax.stop_gradient(jnp.maximum(jnp.max(pair, axis=2), from_state))  # [b, j, d]
     weights = jnp.exp(pair - m[:, :, None, :])  # [b, j, i, d]
@@ -115,7 +120,7 @@ def _chunked(w, u, k, v, state, chunk_size):
     den = jnp.sum(weights, axis=2) + e_state * b[:, None]
     # The state after the chunk: every token decayed to the chunk end, and the old state.
     end = (c - 1.0 - j)[None, :, None] * w + k_c  # [b, i, d]
-    end_state = c * w + p  # [b, d]
+    end_state = (c - first_c) * w + p  # [b, d]
     p_new = jnp.maximum(_max_along(end, axis=1), end_state)
     e_end = jnp.exp(end - p_new[:, None])  # [b, i, d]
     e_state = jnp.exp(end_state - p_new)
@@ -125,7 +130,7 @@ def _chunked(w, u, k, v, state, chunk_size):
 
   # [b, t, d] -> [n_chunks, b, c, d]
   xs = tuple(jnp.moveaxis(_chunk.to_chunks(x, c), 1, 0) for x in (k, v))
-  state, out = lax.scan(chunk, state, xs)
+  state, out = lax.scan(chunk, state, xs + (first,))
   out = _chunk.from_chunks(jnp.moveaxis(out, 0, 1))  # [b, t_padded, d]
   return out[:, pad:], state
 
@@ -135,7 +140,8 @@ def wkv(w, u, k, v, *, initial_state=None, chunk_size: int = 64, impl: str = "au
   """RWKV-4 WKV (module docstring).
 
   Args:
-    w: [D] log decay per channel, <= 0 (RWKV-4 passes -exp(time_decay)).
+    w: [D] log decay per channel, <= 0 (RWKV-4 passes -exp(time_decay)); -inf allowed
+      (clamped to W_FLOOR: no memory beyond one step).
     u: [D] bonus for the current token (time_first).
     k: [B, T, D] keys (exponents; any magnitude).
     v: [B, T, D] values.
@@ -164,7 +170,8 @@ def wkv(w, u, k, v, *, initial_state=None, chunk_size: int = 64, impl: str = "au
   if t == 0:
     return jnp.zeros(v.shape, v.dtype), state
   f32 = jnp.float32
-  args = (w.astype(f32), u.astype(f32), k.astype(f32), v.astype(f32), state)
+  w = jnp.maximum(w.astype(f32), W_FLOOR)
+  args = (w, u.astype(f32), k.astype(f32), v.astype(f32), state)
   if impl == "reference":
     out, state = _reference(*args)
   else:

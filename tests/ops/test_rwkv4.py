@@ -1,5 +1,7 @@
 """rwkv4.wkv: the stabilised forms against the plain float64 sum, and `chunked` against `reference`."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,16 +10,17 @@ import pytest
 from seqmix.ops.rwkv4 import WKVState, wkv
 from seqmix.testing import RTOL, assert_rel_close, assert_trees_rel_close
 
-BATCH, DIM = 2, 6
+BATCH, DIM = 2, 6  # DIM: default channels; the chunked-vs-reference grid also runs 16, 60, 64
 
 
-def _inputs(seed, t, k_scale=1.0, dtype=jnp.float32):
+def _inputs(seed, t, k_scale=1.0, dtype=jnp.float32, dim=DIM, strong=False):
+  """strong: per-step decays e^{w} down to ~e^{-400} (time_decay ~ N(4, 1))."""
   rng = np.random.default_rng(seed)
-  time_decay = rng.normal(size=(DIM,)) - 1.0
+  time_decay = rng.normal(size=(dim,)) + (4.0 if strong else -1.0)
   w = -np.exp(time_decay)
-  u = rng.normal(size=(DIM,))
-  k = rng.normal(size=(BATCH, t, DIM)) * k_scale
-  v = rng.normal(size=(BATCH, t, DIM))
+  u = rng.normal(size=(dim,))
+  k = rng.normal(size=(BATCH, t, dim)) * k_scale
+  v = rng.normal(size=(BATCH, t, dim))
   return (jnp.asarray(w, jnp.float32), jnp.asarray(u, jnp.float32), jnp.asarray(k, dtype),
           jnp.asarray(v, dtype))
 
@@ -67,20 +70,37 @@ def _value_and_grads(impl, w, u, k, v, state, chunk_size, seed):
   return out, jax.tree.map(lambda g: g.astype(jnp.float32), vjp(cot))
 
 
-def _some_state(seed, t=9):
-  w, u, k, v = _inputs(seed, t)
+def _some_state(seed, dim=DIM, t=9):
+  w, u, k, v = _inputs(seed, t, dim=dim)
   return wkv(w, u, k, v, impl="reference")[1]
 
 
-@pytest.mark.parametrize("t,chunk_size,dtype,with_init", [
-    (1, 16, jnp.float32, True),
-    (63, 16, jnp.float32, False),
-    (100, 64, jnp.float32, True),
-    (100, 16, jnp.bfloat16, True),
-])
-def test_chunked_matches_reference(t, chunk_size, dtype, with_init):
-  w, u, k, v = _inputs(2, t, k_scale=3.0, dtype=dtype)
-  state = _some_state(3) if with_init else None
+SAMPLED = [
+    # T, chunk_size, dtype, with_init, dim, strong
+    (1, 16, jnp.float32, True, 16, False),
+    (63, 16, jnp.float32, False, 60, True),
+    (100, 64, jnp.float32, True, 64, False),
+    (100, 16, jnp.bfloat16, True, DIM, True),
+    (256, 64, jnp.float32, True, DIM, True),
+]
+
+
+@pytest.mark.parametrize("t,chunk_size,dtype,with_init,dim,strong", SAMPLED)
+def test_chunked_matches_reference(t, chunk_size, dtype, with_init, dim, strong):
+  _check(t, chunk_size, dtype, with_init, dim, strong)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("t,chunk_size,dtype,with_init,dim,strong", list(itertools.product(
+    (1, 63, 100, 256), (16, 64), (jnp.float32, jnp.bfloat16), (False, True), (16, 60, 64),
+    (False, True))))
+def test_chunked_matches_reference_full(t, chunk_size, dtype, with_init, dim, strong):
+  _check(t, chunk_size, dtype, with_init, dim, strong)
+
+
+def _check(t, chunk_size, dtype, with_init, dim, strong):
+  w, u, k, v = _inputs(2, t, k_scale=3.0, dtype=dtype, dim=dim, strong=strong)
+  state = _some_state(3, dim) if with_init else None
   if state is None:  # differentiate through the empty state as well
     state = WKVState(*(jnp.asarray(s) for s in wkv(w, u, k[:, :0], v[:, :0])[1]))
   out, grads = _value_and_grads("chunked", w, u, k, v, state, chunk_size, 4)
@@ -95,6 +115,24 @@ def test_chunked_matches_reference(t, chunk_size, dtype, with_init):
     assert_rel_close(g, rg, rtol if name in ("dk", "dv") else RTOL["float32"], name)
   # The empty state's p = -1e38 gets no gradient; its a, b do.
   assert_trees_rel_close(grads[4], ref_grads[4], RTOL["float32"], "dstate")
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
+def test_infinite_decay_keeps_one_previous_token(impl):
+  # w = -inf: e^{(t-1-i) w} is 1 for i = t-1 and 0 further back (no NaN from 0 * -inf).
+  w, u, k, v = _inputs(7, 37)
+  w = w.at[::2].set(-jnp.inf)
+  out, state = wkv(w, u, k, v, chunk_size=16, impl=impl)
+  kk, vv = np.asarray(k, np.float64), np.asarray(v, np.float64)
+  e_prev = np.exp(kk[:, :-1])
+  e_now = np.exp(np.asarray(u, np.float64) + kk[:, 1:])
+  want = (e_prev * vv[:, :-1] + e_now * vv[:, 1:]) / (e_prev + e_now)
+  assert_rel_close(np.asarray(out)[:, 1:, ::2], want[..., ::2], RTOL["float32"], "out")
+  grads = jax.grad(lambda *a: jnp.sum(wkv(*a, chunk_size=16, impl=impl)[0] ** 2) +
+                   jnp.sum(wkv(*a, chunk_size=16, impl=impl)[1].a), argnums=(0, 1, 2, 3))(
+                       w, u, k, v)
+  for g in grads:
+    assert np.all(np.isfinite(np.asarray(g)))
 
 
 @pytest.mark.parametrize("impl", ["reference", "chunked"])
