@@ -80,7 +80,7 @@ _SAMPLE = [
     ("key", "strong", 100, 60, 64, jnp.float32, True, 1),
     ("key", "weak", 63, 16, 16, jnp.bfloat16, False, 2),
     ("key", "strong", 1, 64, 64, jnp.float32, False, 2),
-    ("key", "strong", 100, 16, 40, jnp.float32, True, 2),     # chunk 40: sub-chunks of 10
+    ("key", "strong", 100, 16, 36, jnp.float32, True, 2),     # chunk 36: sub-chunks of 6
     ("scalar", "strong", 63, 64, 16, jnp.float32, False, 1),
     ("scalar", "strong", 100, 60, 64, jnp.bfloat16, True, 2),
     ("fixed", "weak", 256, 16, 64, jnp.float32, True, 1),

@@ -75,7 +75,7 @@ _SAMPLE = [
     ("weak", 63, 16, 16, jnp.bfloat16, False),
     ("weak", 256, 64, 64, jnp.float32, False),
     ("strong", 1, 16, 16, jnp.float32, True),
-    ("strong", 100, 64, 48, jnp.bfloat16, True),     # chunk 48: sub-chunks of 16
+    ("strong", 100, 64, 48, jnp.bfloat16, True),     # chunk 48: sub-chunks of 8
 ]
 
 
