@@ -30,8 +30,8 @@ def mqar_demo_config(mixer: str):
   c.data.update(vocab_size=256, num_kv_pairs=4, num_train_examples=20_000,
                 num_test_examples=512)
   c.model.update(d_model=64, max_len=64)
-  c.train.update(seq_len=64, batch_size=64, steps=1200, decay_steps=1200, lr=3e-3,
-                 warmup_steps=50, min_lr=3e-4, log_every=100, eval_every=200, ckpt_every=0,
+  c.train.update(seq_len=64, batch_size=64, steps=800, decay_steps=800, lr=3e-3,
+                 warmup_steps=50, min_lr=3e-4, log_every=100, eval_every=100, ckpt_every=0,
                  early_stop_accuracy=0.99)
   return c
 

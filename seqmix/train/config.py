@@ -147,8 +147,10 @@ def _validate_model(m, t) -> None:
         raise _unknown(f"model.mixer_kwargs.{name}", key, fields - {"d_model", "layer_idx",
                                                                   "n_layers", "dtype",
                                                                   "param_dtype"})
-    heads = dict(kw).get("num_heads", _field_default(registry.get(name).cls, "num_heads"))
-    if heads is not None:
+    cls = registry.get(name).cls
+    heads = dict(kw).get("num_heads", _field_default(cls, "num_heads"))
+    head_dim = dict(kw).get("head_dim", _field_default(cls, "head_dim"))
+    if heads is not None and head_dim is None:  # head width derived as d_model // num_heads
       try:
         check_divisible("model.d_model", int(m.d_model), int(heads),
                         f"model.mixer_kwargs.{name}.num_heads")

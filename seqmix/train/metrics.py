@@ -70,6 +70,8 @@ def flops_per_token(n_matmul_params: int, *, n_attention_layers: int, d_model: i
 def count_attention_layers(model_cfg: Any) -> int:
   """Softmax-attention layers (registry op 'attention...') in a model config's layer pattern."""
   from seqmix import registry  # pylint: disable=g-import-not-at-top
+  if str(model_cfg.mixer).strip() == "none":  # the mixer-free control model
+    return 0
   names = registry.expand_pattern(model_cfg.mixer, int(model_cfg.n_layers))
   return sum(registry.get(n).op.startswith("attention") for n in names)
 
