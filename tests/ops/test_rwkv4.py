@@ -77,11 +77,10 @@ def _some_state(seed, dim=DIM, t=9):
 
 SAMPLED = [
     # T, chunk_size, dtype, with_init, dim, strong
-    (1, 16, jnp.float32, True, 16, False),
-    (63, 16, jnp.float32, False, 60, True),
-    (100, 64, jnp.float32, True, 64, False),
+    (1, 16, jnp.float32, False, 16, False),
+    (63, 16, jnp.float32, False, 60, False),
     (100, 16, jnp.bfloat16, True, DIM, True),
-    (256, 64, jnp.float32, True, DIM, True),
+    (256, 64, jnp.float32, True, 64, True),
 ]
 
 

@@ -27,7 +27,7 @@ def _inputs(seed, t, kind, dtype, with_init, dim=D):
     a = rng.uniform(0.5, 0.999, shape) * np.exp(1j * rng.uniform(-np.pi, np.pi, shape))
     a[rng.random(shape) < 0.05] = 0.0
     x = rng.normal(size=shape) + 1j * rng.normal(size=shape)
-    h0 = (rng.normal(size=(B, D)) + 1j * rng.normal(size=(B, dim))) if with_init else None
+    h0 = (rng.normal(size=(B, dim)) + 1j * rng.normal(size=(B, dim))) if with_init else None
   if kind == "real":
     a, x = jnp.asarray(a, dtype), jnp.asarray(x, dtype)
     h0 = None if h0 is None else jnp.asarray(h0, jnp.float32)
@@ -85,10 +85,9 @@ def test_reference_matches_float64_loop():
 # One sampled combo per row covers every axis value at least once; the product is slow.
 SAMPLED = [
     # impl, T, kind, dtype, with_init, chunk_size, dim
-    ("associative", 1, "real", jnp.float32, True, 16, 16),
+    ("associative", 1, "complex", jnp.float32, True, 16, 16),
     ("chunked", 1, "complex", jnp.float32, False, 64, D),
     ("chunked", 63, "real", jnp.float32, True, 16, 60),
-    ("associative", 100, "complex", jnp.float32, True, 64, D),
     ("chunked", 100, "real", jnp.bfloat16, False, 64, 64),
     ("chunked", 1024, "complex", jnp.float32, True, 64, D),
     ("associative", 63, "real", jnp.bfloat16, True, 16, D),
