@@ -74,15 +74,41 @@ def sample_logits(logits, key, *, temperature=1.0, top_k=None, top_p=None, greed
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+@functools.lru_cache(maxsize=32)
+def _compiled(model, temperature, top_k, top_p, greedy):
+  """Jitted (prefill, step) for one model and sampling setting, reused across calls.
+
+  Sampling sits inside both, so each generated token is one dispatch.
+  """
+  sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                             greedy=greedy)
+
+  @jax.jit
+  def prefill(variables, tokens, seg, pos, cache, key):
+    logits, cache = model.apply(variables, tokens, segment_ids=seg, positions=pos, cache=cache)
+    return sample(logits[:, -1], key), cache
+
+  @jax.jit
+  def step(variables, token, position, cache, key):
+    seg_t = jnp.full((token.shape[0], 1), _TEXT_SEGMENT, jnp.int32)
+    logits, cache = model.apply(variables, token[:, None], segment_ids=seg_t,
+                                positions=position[:, None], cache=cache)
+    return sample(logits[:, -1], key), cache
+
+  return prefill, step
+
+
 def generate(model, params, prompts, *, max_new_tokens: int, rng=None, temperature: float = 1.0,
              top_k=None, top_p=None, greedy: bool = False, eos_id=None, lengths=None,
-             pad_id: int = 0):
+             pad_id: int = 0, cache_len=None):
   """Continue each prompt by `max_new_tokens` tokens.
 
   model: a LanguageModel; params: its params (the "params" collection, boxed or not).
   prompts: a list of int lists, or a left-padded int array [B, L] together with `lengths` [B].
   rng: a PRNG key (unused when greedy). temperature, top_k, top_p, greedy: see `sample_logits`.
   eos_id: a row that emits it stops; its later tokens are `eos_id`.
+  cache_len: decoding cache length (default: padded prompt length + max_new_tokens); a fixed
+    value keeps the step's shapes, hence its compilation, the same across calls.
   Returns (tokens [B, max_new_tokens] int32, lengths [B] int32: tokens generated up to and
   including the first eos, else max_new_tokens).
   """
@@ -97,27 +123,19 @@ def generate(model, params, prompts, *, max_new_tokens: int, rng=None, temperatu
     raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1.")
   if not greedy and rng is None:
     raise ValueError("sampling needs `rng` (a jax.random.key); or pass greedy=True.")
+  if not greedy and temperature <= 0:
+    raise ValueError(f"temperature={temperature} must be > 0 (use greedy=True for argmax).")
   b, width = tokens.shape
   seg, pos = _pad_layout(lengths, width)
   variables = {"params": params}
-  sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                             greedy=greedy)
   key = jax.random.key(0) if rng is None else rng
-
-  # Sampling sits inside the jitted prefill and step: one dispatch per generated token.
-  @jax.jit
-  def prefill(variables, tokens, seg, pos, cache, key):
-    logits, cache = model.apply(variables, tokens, segment_ids=seg, positions=pos, cache=cache)
-    return sample(logits[:, -1], key), cache
-
-  @jax.jit
-  def step(variables, token, position, cache, key):
-    seg_t = jnp.full((token.shape[0], 1), _TEXT_SEGMENT, jnp.int32)
-    logits, cache = model.apply(variables, token[:, None], segment_ids=seg_t,
-                                positions=position[:, None], cache=cache)
-    return sample(logits[:, -1], key), cache
-
-  cache = model.init_cache(b, width + max_new_tokens)
+  prefill, step = _compiled(model, temperature, top_k, top_p, greedy)
+  if cache_len is None:
+    cache_len = width + max_new_tokens
+  elif cache_len < width + max_new_tokens:
+    raise ValueError(f"cache_len={cache_len} is below prompt length {width} + max_new_tokens="
+                     f"{max_new_tokens}; raise it or leave it None.")
+  cache = model.init_cache(b, cache_len)
   tok, cache = prefill(variables, jnp.asarray(tokens), jnp.asarray(seg), jnp.asarray(pos), cache,
                        jax.random.fold_in(key, 0))
   position = jnp.asarray(lengths)

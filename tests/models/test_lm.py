@@ -12,6 +12,7 @@ import pytest
 
 from seqmix import registry
 from seqmix.models import lm
+from conftest import random_params
 from seqmix.testing import RTOL, assert_rel_close, assert_trees_rel_close
 
 V, D, L, B, T = 23, 32, 2, 2, 9
@@ -29,17 +30,7 @@ def _model(mixer, **kw):
 
 @functools.lru_cache(maxsize=None)
 def _params(model, seed=0):
-  """Random params of the model's shapes (no compiled init: the equivalences tested here hold
-  for any params). Norm scales 1 + N(0, 0.1²), every other leaf N(0, 0.1²)."""
-  shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), _tokens())["params"])
-  rng = np.random.default_rng(seed)
-
-  def fill(path, s):
-    x = 0.1 * rng.standard_normal(s.shape).astype(np.float32)
-    return jnp.asarray(x + (1.0 if jax.tree_util.keystr(path).endswith("['scale']") else 0.0),
-                       s.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
+  return random_params(model, _tokens(), seed=seed)
 
 
 @functools.lru_cache(maxsize=None)
