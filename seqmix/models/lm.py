@@ -44,6 +44,7 @@ from seqmix import registry
 from seqmix.mixers.common import mlp as mlp_lib
 from seqmix.mixers.common import norms
 from seqmix.parallel import axes
+from seqmix.positional import learned
 
 NO_MIXER = "none"  # `mixer="none"`: blocks without token mixing (the ablation / control model)
 
@@ -94,26 +95,6 @@ def _check_mixer_kwargs(name: str, kwargs) -> None:
                if key in _MODEL_OWNED else "")
       raise ValueError(f"mixer_kwargs[{name!r}] has unknown field {key!r}.{hint}{owned} "
                        f"Fields of mixer {name!r}: {', '.join(valid)}.")
-
-
-class LearnedPositions(nn.Module):
-  """Learned absolute position embedding: positions [B, T] int -> [B, T, D].
-
-  Positions must lie in [0, max_len); a static check catches T > max_len, but traced
-  positions cannot be checked (a gather clamps out-of-range indices).
-  """
-  max_len: int
-  features: int
-  init_scale: float = 0.02
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, positions):
-    table = self.param("embedding",
-                       axes.param(nn.initializers.normal(self.init_scale), axes.NONE, axes.EMBED),
-                       (self.max_len, self.features), self.param_dtype)
-    return jnp.take(table, positions, axis=0).astype(self.dtype)
 
 
 class Block(nn.Module):
@@ -292,9 +273,9 @@ class LanguageModel(nn.Module):
           raise ValueError(f"sequence length {t} exceeds max_len={self.max_len} of the learned "
                            f"position table; raise max_len or shorten the sequence.")
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-      x = x + LearnedPositions(self.max_len, self.d_model, self.embed_init_scale,
-                               dtype=self.dtype, param_dtype=self.param_dtype,
-                               name="pos_embed")(positions)
+      x = x + learned.LearnedPositionEmbedding(
+          self.max_len, self.d_model, self.embed_init_scale, dtype=self.dtype,
+          param_dtype=self.param_dtype, name="pos_embed")(positions)
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
 
     block_cls, kw = self._block_cls(), self._block_kwargs(deterministic)
