@@ -52,7 +52,7 @@ W_FLOOR = -1e30
 
 
 class WKVState(NamedTuple):
-  """RWKV-4 WKV state; each field [B, D] float32. Sums are a·e^p (numerator), b·e^p (denominator)."""
+  """RWKV-4 WKV state; each field [B, D] float32: numerator a·e^p, denominator b·e^p."""
   a: jax.Array
   b: jax.Array
   p: jax.Array

@@ -1,4 +1,4 @@
-"""rwkv4.wkv: the stabilised forms against the plain float64 sum, and `chunked` against `reference`."""
+"""rwkv4.wkv: stabilised forms against the plain float64 sum; `chunked` against `reference`."""
 
 import itertools
 
