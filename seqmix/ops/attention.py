@@ -329,15 +329,17 @@ def _cudnn(q, k, v, spec, q_offset):
   why = _cudnn_unsupported(q, k, v)
   if why:
     raise RuntimeError(f"attention: {why}")
+  # cuDNN adds the bias in the input dtype (its kernels take a bf16/fp16 bias).
+  bias = None if spec.bias is None else spec.bias.astype(q.dtype)
   aligned = q_offset is None and spec.tq == spec.tk and spec.q_ids is None
   if aligned:
     # The plain causal (+ window) pattern maps onto cuDNN's own masks: no [T, S] mask built.
     window = None if spec.window is None else (spec.window - 1, 0)
-    return jax.nn.dot_product_attention(q, k, v, bias=spec.bias, scale=spec.scale,
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=spec.scale,
                                         is_causal=spec.causal, local_window_size=window,
                                         implementation="cudnn")
   mask = _dense_mask(spec)
-  o = jax.nn.dot_product_attention(q, k, v, bias=spec.bias, mask=mask, scale=spec.scale,
+  o = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=spec.scale,
                                    implementation="cudnn")
   return _zero_empty_rows(o, mask)
 
