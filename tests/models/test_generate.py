@@ -37,12 +37,16 @@ def test_greedy_equals_argmax_of_parallel_forward(setup):
   out, n = gen.generate(model, params, PROMPTS, max_new_tokens=N, greedy=True)
   assert out.shape == (len(PROMPTS), N) and out.dtype == jnp.int32
   np.testing.assert_array_equal(n, N)
-  apply = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
-  for prompt, row in zip(PROMPTS, np.asarray(out)):
-    full = jnp.asarray([prompt + row.tolist()], jnp.int32)
-    logits = np.asarray(apply(params, full))[0]
-    want = logits[len(prompt) - 1:-1].argmax(-1)  # the prediction after each prefix
-    np.testing.assert_array_equal(row, want)
+  # Every prompt + continuation, right-padded to one length (causal: padding after a token
+  # does not change its logits), in one parallel forward.
+  width = max(len(p) for p in PROMPTS) + N
+  full = np.zeros((len(PROMPTS), width), np.int32)
+  for i, (prompt, row) in enumerate(zip(PROMPTS, np.asarray(out))):
+    full[i, :len(prompt) + N] = prompt + row.tolist()
+  logits = np.asarray(model.apply({"params": params}, jnp.asarray(full))[0])
+  for i, prompt in enumerate(PROMPTS):
+    want = logits[i, len(prompt) - 1:len(prompt) + N - 1].argmax(-1)  # prediction after each prefix
+    np.testing.assert_array_equal(out[i], want)
 
 
 def test_rows_of_different_lengths_equal_each_row_alone(setup):
