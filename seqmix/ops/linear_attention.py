@@ -172,13 +172,14 @@ def _gla_gate(g, b, t, h, kd):
   """None | [H] | [B,T,H] | [B,T,H,K] -> None | [B,T,H] | [B,T,H,K] float32, clamped."""
   if g is None:
     return None
-  g = jnp.asarray(g)
+  # float32 before broadcasting: the gradient of a fixed gate sums B·T cotangents.
+  g = jnp.asarray(g).astype(_F32)
   if g.shape == (h,):
     g = jnp.broadcast_to(g, (b, t, h))
   elif g.shape not in ((b, t, h), (b, t, h, kd)):
     raise ValueError(f"gla: g must be None, [H] = {(h,)}, [B, T, H] = {(b, t, h)} or "
                      f"[B, T, H, K] = {(b, t, h, kd)}; got {g.shape=}.")
-  return _chunk.clamp_log_gate(g.astype(_F32))
+  return _chunk.clamp_log_gate(g)
 
 
 def _reference(q, k, v, g, h0, scale, bonus):

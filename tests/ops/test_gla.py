@@ -83,8 +83,8 @@ _SAMPLE = [
     ("key", "strong", 100, 16, 36, jnp.float32, True, 2),     # chunk 36: sub-chunks of 6
     ("scalar", "strong", 63, 64, 16, jnp.float32, False, 1),
     ("scalar", "strong", 100, 60, 64, jnp.bfloat16, True, 2),
-    ("fixed", "weak", 256, 16, 64, jnp.float32, True, 1),
-    ("none", "weak", 100, 60, 16, jnp.float32, True, 2),
+    ("fixed", "strong", 63, 16, 64, jnp.bfloat16, True, 1),   # [H] gate: B·T-term grad sum
+    ("none", "weak", 256, 60, 16, jnp.float32, True, 2),
 ]
 
 
