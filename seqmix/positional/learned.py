@@ -51,6 +51,6 @@ class LearnedPositionEmbedding(nn.Module):
 
   def _check_static_max(self, hi: int, lo: int = 0):
     if hi >= self.max_len or lo < 0:
-      raise ValueError(f"LearnedPositionEmbedding: positions must lie in [0, max_len={self.max_len}) "
-                       f"but range over [{lo}, {hi}]; raise max_len (the model's max_len) or "
-                       "use a relative encoding (rope, alibi).")
+      raise ValueError(f"LearnedPositionEmbedding: positions must lie in "
+                       f"[0, max_len={self.max_len}) but range over [{lo}, {hi}]; raise max_len "
+                       "(the model's max_len) or use a relative encoding (rope, alibi).")
