@@ -48,7 +48,7 @@ def check_at_least(name: str, value, low: int = 1):
 
 
 def check_even(name: str, value: int, why: str):
-  check_at_least(name, value, 2)
+  check_at_least(name, value, 1)
   if value % 2:
     raise ValueError(f"{name}={value} must be even ({why}); use {name}={value + 1}.")
 
