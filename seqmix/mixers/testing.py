@@ -76,6 +76,21 @@ def init_params(module, x=None, seed: int = 0, zero_fill_std: float = 0.02):
   return jax.tree.unflatten(tree, out)
 
 
+def random_params(module, *inputs, seed: int = 0, std: float = 0.1):
+  """Random params of `module`'s shapes without compiling its init (for checks that hold for
+  any params): leaves named `scale` (norms) are 1 + N(0, std²), all others N(0, std²)."""
+  shapes = nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), *inputs)["params"])
+  rng = np.random.default_rng(seed)
+
+  def fill(path, s):
+    x = std * rng.standard_normal(s.shape).astype(np.float32)
+    if jax.tree_util.keystr(path).endswith("['scale']"):
+      x = x + 1.0
+    return jnp.asarray(x, s.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
 class Runner:
   """Jitted apply of one (module, params): parallel forward, cached chunks, gradients."""
 
@@ -278,7 +293,8 @@ def temporarily_registered(name: str, cls, **meta):
     registry._REGISTRY.pop(name, None)  # pylint: disable=protected-access
 
 
-__all__ = ["D_MODEL", "SEGMENT_LEAK_RTOL", "build", "random_inputs", "init_params", "Runner",
+__all__ = ["D_MODEL", "SEGMENT_LEAK_RTOL", "build", "random_inputs", "init_params",
+           "random_params", "Runner",
            "check_causal", "check_decode_matches_parallel", "check_split_prefill",
            "packed_pair", "check_segments", "check_finite_grads", "ToyShiftMixer", "ToyCache",
            "temporarily_registered", "lag_copy_accuracy"]

@@ -82,7 +82,7 @@ def test_no_mixing_stays_at_chance():
   assert acc < 0.1, f"a model without token mixing reached {acc:.3f} on lag-2 copy"
 
 
-# The checks themselves: a correct toy passes, each deliberate violation is caught.
+# The checks themselves catch deliberate violations (the registered mixers show they pass).
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,14 +90,6 @@ def _toy(**kw):
   module = mt.ToyShiftMixer(d_model=mt.D_MODEL, **kw)
   params = mt.init_params(module)
   return module, params, mt.Runner(module, params)
-
-
-def test_checks_pass_on_a_correct_toy():
-  module, params, runner = _toy()
-  mt.check_causal(module, params, mt.random_inputs(1, BATCH, 8))
-  mt.check_decode_matches_parallel(runner, _x())
-  mt.check_split_prefill(runner, _x(), SPLIT)
-  mt.check_segments(runner, _x(2), SPLIT)
 
 
 def test_causality_check_catches_a_future_leak():

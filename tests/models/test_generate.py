@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import random_params
+from seqmix.mixers import testing as mt
 from seqmix.models import generate as gen
 from seqmix.models import lm
 
@@ -20,7 +20,7 @@ def _setup(name, mixer_kwargs, pos_embedding="none"):
   model = lm.LanguageModel(vocab_size=V, d_model=D, n_layers=L, mixer=name,
                            mixer_kwargs=mixer_kwargs, pos_embedding=pos_embedding, max_len=32)
   # std 0.3 makes the logits far from uniform, so greedy choices are not decided by round-off.
-  return model, random_params(model, jnp.zeros((1, 4), jnp.int32), seed=1, std=0.3)
+  return model, mt.random_params(model, jnp.zeros((1, 4), jnp.int32), seed=1, std=0.3)
 
 
 def _key(mixer):

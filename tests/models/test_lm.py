@@ -11,8 +11,8 @@ import optax
 import pytest
 
 from seqmix import registry
+from seqmix.mixers import testing as mt
 from seqmix.models import lm
-from conftest import random_params
 from seqmix.testing import RTOL, assert_rel_close, assert_trees_rel_close
 
 V, D, L, B, T = 23, 32, 2, 2, 9
@@ -30,7 +30,7 @@ def _model(mixer, **kw):
 
 @functools.lru_cache(maxsize=None)
 def _params(model, seed=0):
-  return random_params(model, _tokens(), seed=seed)
+  return mt.random_params(model, _tokens(), seed=seed)
 
 
 @functools.lru_cache(maxsize=None)
