@@ -76,9 +76,9 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None, chunk_s
   h = v.shape[2]
   q, k = _expand_groups(q, h), _expand_groups(k, h)
   f32 = lambda x: x.astype(jnp.float32)
-  if g is None:
-    g = jnp.zeros(beta.shape, jnp.float32)
-  g = _chunk.clamp_log_gate(f32(g))
+  # g = None stays None (no constant zero gates: XLA would constant-fold their [.., C, C]
+  # decay matrices at compile time, which takes minutes on GPU at training sizes).
+  g = None if g is None else _chunk.clamp_log_gate(f32(g))
   if initial_state is None:
     s0 = jnp.zeros((v.shape[0], h, q.shape[-1], v.shape[-1]), jnp.float32)
   else:
@@ -123,13 +123,14 @@ def _reference(q, k, v, beta, g, scale, s0):
 
   def step(s, xs):
     q_t, k_t, v_t, b_t, g_t = xs                      # [b, h, k], [b, h, k], [b, h, v], [b, h] x2
-    s = s * jnp.exp(g_t)[..., None, None]
+    if g_t is not None:
+      s = s * jnp.exp(g_t)[..., None, None]
     err = v_t - jnp.einsum("bhk,bhkv->bhv", k_t, s, precision=_HIGHEST)
     s = s + jnp.einsum("bhk,bhv->bhkv", k_t, b_t[..., None] * err, precision=_HIGHEST)
     o_t = scale * jnp.einsum("bhk,bhkv->bhv", q_t, s, precision=_HIGHEST)
     return s, o_t
 
-  xs = [jnp.moveaxis(x, 1, 0) for x in (q, k, v, beta, g)]  # time first: [t, b, h, ...]
+  xs = [None if x is None else jnp.moveaxis(x, 1, 0) for x in (q, k, v, beta, g)]  # [t, b, ...]
   s, o = jax.lax.scan(step, s0, xs)
   return jnp.moveaxis(o, 0, 1), s                            # [b, t, h, v]
 
@@ -139,36 +140,46 @@ def _chunked(q, k, v, beta, g, scale, s0, *, chunk_size):
   t = v.shape[1]
   c = min(int(chunk_size), t)  # a short call (e.g. one decoding step) needs no padding
   # Neutral padding: k = v = beta = 0 writes nothing, g = 0 does not decay the state.
-  q, k, v, beta, g = (_chunk.pad_time(x, c)[0] for x in (q, k, v, beta, g))
-  # [b, n, c, h, d] -> [b, n, h, c, d]; gates [b, n, c, h] -> [b, n, h, c]
-  q, k, v = (jnp.moveaxis(_chunk.to_chunks(x, c), 3, 2) for x in (q, k, v))
-  beta, g = (jnp.moveaxis(_chunk.to_chunks(x, c), 3, 2) for x in (beta, g))
-
-  cum = jnp.cumsum(g, axis=-1)                       # G_t within the chunk  [b, n, h, c]
-  seg = _chunk.segsum(g)                             # G_t - G_i, -inf above the diagonal
-  decay = jnp.exp(seg)                               # D[t, i]  [b, n, h, c, c]
+  q, k, v, beta = (_chunk.pad_time(x, c)[0] for x in (q, k, v, beta))
+  # [b, n, c, h, d] -> [b, n, h, c, d]; per-token scalars [b, n, c, h] -> [b, n, h, c]
+  q, k, v, beta = (jnp.moveaxis(_chunk.to_chunks(x, c), 3, 2) for x in (q, k, v, beta))
+  causal = jnp.tril(jnp.ones((c, c), bool))
   strict = jnp.tril(jnp.ones((c, c), bool), -1)
+  if g is None:
+    decay = causal.astype(jnp.float32)               # D[t, i] = 1 for i <= t  [c, c]
+    start = None
+  else:
+    g = jnp.moveaxis(_chunk.to_chunks(_chunk.pad_time(g, c)[0], c), 3, 2)  # [b, n, h, c]
+    seg = _chunk.segsum(g)                           # G_t - G_i, -inf above the diagonal
+    decay = jnp.exp(seg)                             # D[t, i]  [b, n, h, c, c]
+    start = jnp.exp(jnp.cumsum(g, axis=-1))          # exp(G_t): S_0 decayed to t  [b, n, h, c]
+    end = jnp.exp(seg[..., -1, :])                   # exp(G_C - G_i): write i to chunk end
+
   kk = jnp.einsum("bnhck,bnhsk->bnhcs", k, k)        # [b, n, h, c, c]
   a = jnp.where(strict, beta[..., None] * kk * decay, 0.0)
-  rhs = jnp.concatenate([beta[..., None] * v,
-                         (beta * jnp.exp(cum))[..., None] * k], axis=-1)  # [b, n, h, c, v+k]
+  beta_k = beta if start is None else beta * start
+  rhs = jnp.concatenate([beta[..., None] * v, beta_k[..., None] * k], axis=-1)  # [b,n,h,c,v+k]
   sol = jax.lax.linalg.triangular_solve(a, rhs, left_side=True, lower=True,
                                         unit_diagonal=True)               # (I + A)^-1 rhs
   dv = v.shape[-1]
   u, wk = sol[..., :dv], sol[..., dv:]               # [b, n, h, c, v], [b, n, h, c, k]
 
-  qk = jnp.einsum("bnhck,bnhsk->bnhcs", q, k) * decay   # causal (incl. diagonal) [b, n, h, c, c]
-  q_dec = q * jnp.exp(cum)[..., None]                    # reads S_0 decayed to t
-  k_end = k * jnp.exp(seg[..., -1, :])[..., None]  # write i decayed to chunk end
-  g_end = jnp.exp(cum[..., -1])                          # [b, n, h]
+  qk = jnp.where(causal, jnp.einsum("bnhck,bnhsk->bnhcs", q, k) * decay, 0.0)  # [b,n,h,c,c]
+  if start is None:
+    q_dec, k_end, g_end = q, k, None
+  else:
+    q_dec = q * start[..., None]
+    k_end = k * end[..., None]
+    g_end = start[..., -1]                           # exp(G_C)  [b, n, h]
 
   def step(s, xs):
     u_n, wk_n, k_end_n, g_end_n = xs
     w_n = u_n - jnp.einsum("bhck,bhkv->bhcv", wk_n, s)   # effective writes [b, h, c, v]
-    s_next = g_end_n[..., None, None] * s + jnp.einsum("bhck,bhcv->bhkv", k_end_n, w_n)
+    kept = s if g_end_n is None else g_end_n[..., None, None] * s
+    s_next = kept + jnp.einsum("bhck,bhcv->bhkv", k_end_n, w_n)
     return s_next, (w_n, s)
 
-  xs = [jnp.moveaxis(x, 1, 0) for x in (u, wk, k_end, g_end)]  # chunks first: [n, b, h, ...]
+  xs = [None if x is None else jnp.moveaxis(x, 1, 0) for x in (u, wk, k_end, g_end)]  # [n,b,h,..]
   s, (w, s_prev) = jax.lax.scan(step, s0, xs)
   w, s_prev = jnp.moveaxis(w, 0, 1), jnp.moveaxis(s_prev, 0, 1)  # [b, n, h, c, v], [b,n,h,k,v]
   o = scale * (jnp.einsum("bnhck,bnhkv->bnhcv", q_dec, s_prev)

@@ -42,15 +42,20 @@ def _inputs(seed, *, t, dk, dv, gate, dtype=jnp.float32, b=1, g_heads=1, h=2, in
   return dict(q=cast(q), k=cast(k), v=cast(v), beta=cast(beta), g=cast(g), initial_state=s0)
 
 
-def _value_and_grads(args, impl, chunk_size, seed=123):
-  """(o, final state) and the gradients of <o, co> + <s, cs> for random cotangents."""
+def _value_and_grads(args, impl, chunk_size, cot_dtype=jnp.float32, seed=123):
+  """(o, final state) and the gradients of <o, co> + <s, cs> for random cotangents.
+
+  `co` is rounded to `cot_dtype`: an op with bfloat16 outputs receives bfloat16 cotangents, so
+  the float32 oracle gets the same rounded values (the rounding of a cotangent alone moves
+  ill-conditioned gradients such as dq = co·vᵀ... by ~1e-2, which is no error of the op).
+  """
   diff = {n: x for n, x in args.items() if x is not None}
 
   def loss(d):
     o, s = delta_rule(d["q"], d["k"], d["v"], d["beta"], d.get("g"),
                       initial_state=d.get("initial_state"), chunk_size=chunk_size, impl=impl)
     ko, ks = jax.random.split(jax.random.PRNGKey(seed))
-    co = jax.random.normal(ko, o.shape)
+    co = jax.random.normal(ko, o.shape).astype(cot_dtype).astype(jnp.float32)
     cs = jax.random.normal(ks, s.shape)
     return jnp.sum(o.astype(jnp.float32) * co) + jnp.sum(s * cs), (o, s)
 
@@ -62,8 +67,8 @@ def _check_chunked(t, dk, dv, chunk, dtype, gate, init, g_heads=1, h=2):
   args = _inputs(0, t=t, dk=dk, dv=dv, gate=gate, dtype=dtype, g_heads=g_heads, h=h, init=init)
   # The oracle is the float32 reference on the same (possibly bfloat16-rounded) values.
   args32 = {n: None if x is None else x.astype(jnp.float32) for n, x in args.items()}
-  o_ref, s_ref, g_ref = _value_and_grads(args32, "reference", chunk)
-  o, s, grads = _value_and_grads(args, "chunked", chunk)
+  o_ref, s_ref, g_ref = _value_and_grads(args32, "reference", chunk, cot_dtype=dtype)
+  o, s, grads = _value_and_grads(args, "chunked", chunk, cot_dtype=dtype)
   assert o.dtype == dtype and o.shape == (1, t, h, dv)
   assert s.dtype == jnp.float32 and s.shape == (1, h, dk, dv)
   rtol = RTOL[jnp.dtype(dtype).name]
