@@ -35,6 +35,11 @@ W = U - Wk S_0. Then
 
 Every exponent is a sum of gates (<= 0), so nothing overflows; `-inf` gates are clamped to
 `_chunk.LOG_GATE_FLOOR` (a multiplier of ~1e-35, i.e. a reset) so no `inf - inf` appears.
+
+Precision: the chunked form computes in float32 with JAX's default matmul precision, which is
+TF32 on H100 (measured 4e-4 relative to the reference for float32 inputs, T=256, K=V=64);
+under `jax.default_matmul_precision("highest")` it matches to 2e-7. The reference always runs
+at full float32 precision.
 """
 
 import jax

@@ -76,7 +76,7 @@ def test_fft_matches_reference(taps, t, init):
 
 @pytest.mark.slow
 def test_fft_long_kernel_matches_reference():
-  """The SSM-mixer size: L = T = 1024 (the direct sum over 1024 taps compiles slowly)."""
+  """The SSM-mixer size: L = T = 1024 (a few seconds: kept out of the default run)."""
   u, k, s0 = _inputs(2, b=1, t=1024, d=4, taps=1024)
   (y_ref, _), g_ref = _value_and_grads(u, k, s0, "reference")
   (y, _), grads = _value_and_grads(u, k, s0, "fft")
