@@ -11,6 +11,7 @@ validated before anything compiles; errors name the field and what to change.
 import sys
 
 from absl import app
+from absl import logging as absl_logging
 from absl import flags
 from ml_collections import config_flags
 
@@ -28,6 +29,8 @@ def run(config, workdir: str) -> dict:
 
 
 def main(argv):
+  # Orbax and grain log every save at INFO; keep the console to progress and metrics.
+  absl_logging.set_verbosity(absl_logging.WARNING)
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None or _WORKDIR.value is None:

@@ -19,7 +19,8 @@ evaluation every 250 steps, samples of 500 tokens at temperature 0.8 with top-k 
 Differences: nanoGPT estimates val loss on eval_iters=200 random batches; here it is the
 token-weighted mean over the WHOLE validation split (the last 10% of the text, every target
 once). nanoGPT runs iterations 0..max_iters inclusive (5001 updates); here 5000. Attention
-dropout, if any, is the mha mixer's own field (see its registry entry).
+dropout is the mha mixer's `attn_dropout` (computed by the attention op's reference form,
+the only form with dropout).
 """
 
 import ml_collections
@@ -45,9 +46,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.n_layers = 2 if smoke else 6   # n_layer
   m.mixer = mixer                  # registry name of the sequence mixer in every block
   heads = 2 if smoke else 6        # n_head
-  # the mixer's hyperparameters; mha gets nanoGPT's heads and no rotary position (learned
-  # absolute positions are added at the embedding instead)
-  m.mixer_kwargs = {"mha": {"num_heads": heads, "position": "none"}} if mixer == "mha" else {}
+  # the mixer's hyperparameters; mha gets nanoGPT's heads, no rotary position (learned
+  # absolute positions are added at the embedding instead) and nanoGPT's dropout on the
+  # attention probabilities (its resid_dropout is the model's residual dropout below)
+  m.mixer_kwargs = ({"mha": {"num_heads": heads, "position": "none",
+                             "attn_dropout": 0.0 if smoke else 0.2}}
+                    if mixer == "mha" else {})
   m.mlp = "gelu"                   # nanoGPT MLP: Linear(4D) -> GELU -> Linear(D)
   m.mlp_ratio = 4.0                # hidden width = 4 * d_model
   m.norm = "layernorm"             # nanoGPT LayerNorm

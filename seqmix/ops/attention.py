@@ -51,7 +51,7 @@ _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
 def attention(q, k, v, *, causal=True, scale=None, window=None, segment_ids=None, bias=None,
-              q_offset=None, impl="auto"):
+              q_offset=None, dropout_rate=0.0, dropout_rng=None, impl="auto"):
   """Softmax attention.  q [B,T,H,K], k [B,S,G,K], v [B,S,G,V] -> (o [B,T,H,V], None).
 
   Args:
@@ -65,15 +65,28 @@ def attention(q, k, v, *, causal=True, scale=None, window=None, segment_ids=None
     bias: additive logit bias broadcastable to [B,H,T,S].
     q_offset: absolute position of query 0 (keys start at 0); default S − T. May be a traced
       scalar.
+    dropout_rate, dropout_rng: dropout on the attention probabilities (training; nanoGPT's
+      attn_dropout). An extension of the contract: only `reference` supports it, and `auto`
+      picks `reference` when dropout_rate > 0.
     impl: "reference" | "xla" | "cudnn" | "chunked" | "auto" ("pallas": not built).
   Returns:
     (o [B,T,H,V] in v's dtype, None).
   """
   spec = _Spec.make(q, k, v, causal, scale, window, segment_ids, bias, q_offset, 0)
-  auto_choice = _attention_auto(q, k, v, q_offset)
+  dropout = None
+  if dropout_rate > 0.0:
+    if dropout_rng is None:
+      raise ValueError("attention: dropout_rate > 0 needs dropout_rng (a PRNG key).")
+    dropout = (float(dropout_rate), dropout_rng)
+    auto_choice = {"default": "reference"}
+  else:
+    auto_choice = _attention_auto(q, k, v, q_offset)
   impl = _impl.resolve("attention", impl, _ATTENTION_IMPLS, auto_choice)
+  if dropout is not None and impl != "reference":
+    raise ValueError(f"attention impl={impl!r} has no attention dropout; use impl='reference' "
+                     "or 'auto' with dropout_rate > 0, or set dropout_rate=0.")
   if impl == "reference":
-    o, _ = _reference(q, k, v, spec)
+    o, _ = _reference(q, k, v, spec, dropout)
   elif impl == "chunked":
     o, _ = _chunked(q, k, v, spec, CHUNK_BLOCK_K)
   elif impl == "xla":
@@ -220,8 +233,11 @@ def _finish(acc, m, l):
   return acc / safe[..., None], jnp.where(l > 0, m + jnp.log(safe), -jnp.inf)
 
 
-def _reference(q, k, v, spec):
-  """Whole-matrix float32 softmax.  -> (o [B,T,H,V] v.dtype, lse [B,T,H] float32)."""
+def _reference(q, k, v, spec, dropout=None):
+  """Whole-matrix float32 softmax.  -> (o [B,T,H,V] v.dtype, lse [B,T,H] float32).
+
+  dropout: None or (rate, rng): inverted dropout on the normalised probabilities.
+  """
   g = spec.hq // spec.hkv
   k32 = jnp.repeat(k.astype(jnp.float32), g, axis=2)   # [b, s, h, k]: head i <- i // g
   v32 = jnp.repeat(v.astype(jnp.float32), g, axis=2)   # [b, s, h, v]
@@ -230,6 +246,10 @@ def _reference(q, k, v, spec):
     s = s + spec.bias.astype(jnp.float32)
   mask = spec.visible(jnp.arange(spec.tq), jnp.arange(spec.tk), spec.q_ids, spec.kv_ids)
   p, m, l = _softmax_rows(s, mask)
+  if dropout is not None:
+    rate, rng = dropout
+    keep = jax.random.bernoulli(rng, 1.0 - rate, p.shape)
+    p = jnp.where(keep, p / (1.0 - rate), 0.0)
   acc = jnp.einsum("bhts,bshv->bhtv", p, v32)          # [b, h, t, v]
   o, lse = _finish(acc, m, l)
   return o.transpose(0, 2, 1, 3).astype(v.dtype), lse.transpose(0, 2, 1)  # [b, t, h, ...]

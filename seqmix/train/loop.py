@@ -8,6 +8,8 @@ the uninterrupted run would have.
 
 import math
 import os
+import queue
+import threading
 from typing import Any, Callable, Iterable
 
 import jax
@@ -85,6 +87,36 @@ def build_model(model_cfg: ml_collections.ConfigDict, vocab_size: int):
 
 def _to_device(batch: dict) -> dict:
   return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def prefetch_to_device(iterator, size: int = 2):
+  """Yield `iterator`'s batches on the device, `size` batches ahead, from a host thread.
+
+  Overlaps grain's host work and the host->device copy with the running step. The
+  iterator is only ever advanced by the thread, so its saved state counts the batches
+  fetched ahead: checkpoints store the state of the last batch *consumed* instead (the
+  thread records it beside each batch).
+  """
+  q: queue.Queue = queue.Queue(maxsize=size)
+  sentinel = object()
+
+  def worker():
+    try:
+      for batch in iterator:
+        state = iterator.get_state() if hasattr(iterator, "get_state") else None
+        q.put((_to_device(batch), state))
+    except Exception as e:  # pylint: disable=broad-except
+      q.put((e, None))
+    q.put((sentinel, None))
+
+  threading.Thread(target=worker, daemon=True).start()
+  while True:
+    item, state = q.get()
+    if item is sentinel:
+      return
+    if isinstance(item, Exception):
+      raise item
+    yield item, state
 
 
 def _due(step: int, every: int, last: int) -> bool:
@@ -165,9 +197,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Ho
               desc="train")
   meter = metrics_lib.Throughput()
   pending: list[tuple[int, dict]] = []
+  batches = prefetch_to_device(data.train)
   try:
     for s in range(start, int(t.steps)):
-      state, m = train_step(state, _to_device(next(data.train)))
+      batch, data_state = next(batches)
+      state, m = train_step(state, batch)
       pending.append((s, m))
       for hook in hooks:
         hook(s, m)
@@ -200,13 +234,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Ho
         writer.write(done, val, prefix="val/")
         if val["loss"] < best_val:
           best_val = val["loss"]
-          ckpt.save_best(done, state, data.train.get_state(), meta())
+          ckpt.save_best(done, state, data_state, meta())
         stop = 0 < t.early_stop_accuracy < val["accuracy"]
       if ckpt_due or stop:
         if not ckpt_lib.all_finite(state.params):
           raise NonFiniteLossError(done, f"Parameters became non-finite by step {done}; the "
                                    f"last good checkpoint is step {ckpt.latest_step()}.")
-        ckpt.save(done, state, data.train.get_state(), meta())
+        ckpt.save(done, state, data_state, meta())
       meter = metrics_lib.Throughput()  # eval and checkpoint time is not training time
       if stop:
         tqdm.write(f"validation accuracy {val['accuracy']:.4f} > train.early_stop_accuracy="

@@ -303,3 +303,28 @@ def test_bad_arguments():
     attn.attention(q, k, v, segment_ids=ids_q)
   with pytest.raises(ValueError, match="does not broadcast"):
     attn.attention(q, k, v, bias=jnp.zeros((3, 8, 12)))
+
+
+def test_attention_dropout_matches_manual_and_is_reference_only():
+  """Dropout on the probabilities: inverted dropout of the normalised softmax; other impls refuse."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import pytest
+  from seqmix.ops import attention as attn
+  ks = jax.random.split(jax.random.PRNGKey(3), 4)
+  q, k, v = (jax.random.normal(ks[i], (2, 9, 2, 8)) for i in range(3))
+  rate = 0.3
+  o, _ = attn.attention(q, k, v, dropout_rate=rate, dropout_rng=ks[3])
+  s = jnp.einsum("bthk,bshk->bhts", q, k) * 8 ** -0.5
+  s = jnp.where(jnp.tril(jnp.ones((9, 9), bool)), s, -jnp.inf)
+  p = jax.nn.softmax(s, axis=-1)
+  keep = jax.random.bernoulli(ks[3], 1.0 - rate, p.shape)
+  want = jnp.einsum("bhts,bshv->bthv", jnp.where(keep, p / (1 - rate), 0.0), v)
+  np.testing.assert_allclose(o, want, rtol=1e-5, atol=1e-6)
+  o0, _ = attn.attention(q, k, v, impl="reference")
+  assert float(jnp.max(jnp.abs(o - o0))) > 1e-3  # dropout did something
+  with pytest.raises(ValueError, match="no attention dropout"):
+    attn.attention(q, k, v, dropout_rate=rate, dropout_rng=ks[3], impl="chunked")
+  with pytest.raises(ValueError, match="dropout_rng"):
+    attn.attention(q, k, v, dropout_rate=rate)

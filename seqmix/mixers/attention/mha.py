@@ -63,6 +63,9 @@ class MHA(MixerBase):
   use_bias: biases on the q/k/v/output projections.
   dropout: dropout rate on the attention output (before W_o); only when not deterministic
     (needs a "dropout" rng).
+  attn_dropout: dropout rate on the attention probabilities (nanoGPT's attn_dropout); only
+    in the parallel form when not deterministic. The op supports it in its `reference`
+    form only, so `impl` must be "auto" or "reference" when it is used.
   impl: `seqmix.ops.attention.attention` impl; the impl named here is the impl run.
   """
   num_heads: int = 4
@@ -75,6 +78,7 @@ class MHA(MixerBase):
   qk_norm: bool = False
   use_bias: bool = False
   dropout: float = 0.0
+  attn_dropout: float = 0.0
   impl: str = "auto"
 
   def _dims(self):
@@ -95,8 +99,9 @@ class MHA(MixerBase):
     if self.window is not None and self.window < 1:
       raise ValueError(f"window={self.window} must be >= 1 (keys a token sees, itself "
                        "included) or None.")
-    if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f"dropout={self.dropout} must be in [0, 1).")
+    for name in ("dropout", "attn_dropout"):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1).")
     return h, g, dh
 
   def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> MHACache:
@@ -147,8 +152,11 @@ class MHA(MixerBase):
 
     if cache is None:
       bias = None if slopes is None else alibi.alibi_bias(slopes, positions, positions)
+      drop = self.attn_dropout if not deterministic else 0.0
       o, _ = attention_op.attention(q, k, v, causal=True, window=self.window,
-                                    segment_ids=segment_ids, bias=bias, impl=self.impl)
+                                    segment_ids=segment_ids, bias=bias, dropout_rate=drop,
+                                    dropout_rng=self.make_rng("dropout") if drop else None,
+                                    impl=self.impl)
       new_cache = None
     else:
       o, new_cache = self._decode(q, k, v, index, positions, segment_ids, cache, slopes)
