@@ -294,3 +294,22 @@ def test_init_cache_shapes():
   c = h3.H3(d_model=D, d_state=6, head_dim=4).init_cache(3, 10)
   assert c.state.shape == (3, 2, 3, 16) and c.shift.inputs.shape == (3, 5, D)
   assert gss.GSS(d_model=D, d_state=8).init_cache(3, 10).state.shape == (3, 2, 4, 1)
+
+
+# bfloat16 compute: the convolution and the scan accumulate in float32, so only the inputs' and
+# projections' rounding remains (the default bfloat16 tolerance). Two mixers by default, all
+# six under `slow`.
+_BF16_SAMPLE = ("s4d", "h3")
+
+
+@pytest.mark.parametrize("name", [
+    n if n in _BF16_SAMPLE else pytest.param(n, marks=pytest.mark.slow)
+    for n in ("s4", "s4d", "dss", "gss", "h3", "s5")])
+def test_bfloat16_close_to_float32(name):
+  m32, m16 = mt.build(name), mt.build(name, dtype=jnp.bfloat16)
+  x = mt.random_inputs(0, 2, 16)
+  params = mt.init_params(m32, x)
+  y32, _ = jax.jit(m32.apply)({"params": params}, x)
+  y16, _ = jax.jit(m16.apply)({"params": params}, x.astype(jnp.bfloat16))
+  assert y16.dtype == jnp.bfloat16
+  assert_rel_close(y16.astype(jnp.float32), y32, RTOL["bfloat16"], f"{name} bf16 vs f32")
