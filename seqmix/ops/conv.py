@@ -20,9 +20,6 @@ import jax.numpy as jnp
 from seqmix.ops._impl import resolve
 
 _AVAILABLE = {"reference": True, "fft": True}
-# "auto" is resolved per call from the shapes (see `_use_fft`); the platform table only names
-# the family so `resolve` can log it once.
-_AUTO = {"default": "auto"}
 
 # Kernels up to this length are summed with unrolled static slices (XLA fuses them into one
 # loop); longer kernels loop over taps with `lax.scan` to keep the program small.
@@ -52,9 +49,9 @@ def causal_conv(u, k, *, initial_state=None, impl: str = "auto"):
     (y `[B, T, D]` in u's dtype, state `[B, L-1, D]` in u's dtype).
   """
   _check(u, k, initial_state)
-  impl = resolve("causal_conv", impl, _AVAILABLE, _AUTO)
-  if impl == "auto":
-    impl = "fft" if _use_fft(u.shape[1], k.shape[0]) else "reference"
+  # "auto" depends on the shapes, not the platform (see `_use_fft`); resolve logs each choice.
+  by_shape = "fft" if _use_fft(u.shape[1], k.shape[0]) else "reference"
+  impl = resolve("causal_conv", impl, _AVAILABLE, {"default": by_shape})
   b, t, d = u.shape
   l1 = k.shape[0] - 1
   past = (jnp.zeros((b, l1, d), u.dtype) if initial_state is None
