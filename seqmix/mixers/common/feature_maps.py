@@ -22,12 +22,14 @@ Maps (d = the input width of the map):
   cos_reweight      cosFormer: [relu(x) cos(π i / 2M), relu(x) sin(π i / 2M)] at position i.
 """
 
+import functools
 import math
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from seqmix.mixers.common import segments
 from seqmix.ops import linear_attention
@@ -147,19 +149,24 @@ class HedgehogFeatureMap(nn.Module):
                            axis=-1).astype(self.dtype)                     # [b, t, h, 2f]
 
 
-def orthogonal_gaussian(key, m: int, d: int):
-  """FAVOR+ projection `[m, d]`: stacked d×d orthogonal blocks, rows rescaled to the norms of
-  i.i.d. Gaussian rows (Choromanski et al. 2021, sec. 2.4; the official `scaling=0` option), so
-  each row is marginally N(0, I_d) while rows within a block are exactly orthogonal."""
-  n_blocks = -(-m // d)
-  keys = jax.random.split(key, n_blocks + 1)
+@functools.lru_cache(maxsize=64)
+def orthogonal_gaussian(seed: tuple[int, ...], m: int, d: int) -> np.ndarray:
+  """FAVOR+ projection `[m, d]` float32: stacked d×d orthogonal blocks, rows rescaled to the norms
+  of i.i.d. Gaussian rows (Choromanski et al. 2021, sec. 2.4; the official `scaling=0` option),
+  so each row is marginally N(0, I_d) while rows within a block are exactly orthogonal.
+
+  A host-side constant drawn from `np.random.default_rng(seed)`: the same seed gives the same
+  matrix in every call, every jit trace and on every backend, and it is baked into the traced
+  program (no variable, nothing for an optimiser to touch).
+  """
+  rng = np.random.default_rng(list(seed))
   blocks = []
-  for i in range(n_blocks):
-    q, _ = jnp.linalg.qr(jax.random.normal(keys[i], (d, d), jnp.float32))
+  for _ in range(-(-m // d)):
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
     blocks.append(q.T)                                                 # orthonormal rows
-  w = jnp.concatenate(blocks, axis=0)[:m]                              # [m, d]
-  norms = jnp.linalg.norm(jax.random.normal(keys[-1], (m, d), jnp.float32), axis=-1)
-  return w * norms[:, None]
+  w = np.concatenate(blocks, axis=0)[:m]                               # [m, d]
+  norms = np.linalg.norm(rng.standard_normal((m, d)), axis=-1)
+  return (w * norms[:, None]).astype(np.float32)
 
 
 def favor_positive(x, projection, *, is_query: bool, eps: float = 1e-4):
