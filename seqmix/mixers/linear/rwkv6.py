@@ -196,9 +196,9 @@ class RWKV6(MixerBase):
                                       chunk_size=self.chunk_size, impl=self.impl)
     if starts is not None:
       o = jnp.where(s4, bonus.astype(o.dtype), o)
-    o = nn.GroupNorm(num_groups=h, epsilon=self.norm_eps, name="ln_x", **kw,
+    o = nn.GroupNorm(num_groups=h, epsilon=self.norm_eps, use_fast_variance=False, name="ln_x",
                      scale_init=axes.param(nn.initializers.ones, axes.HEADS),
-                     bias_init=axes.param(nn.initializers.zeros, axes.HEADS))(
+                     bias_init=axes.param(nn.initializers.zeros, axes.HEADS), **kw)(
                          o.reshape(b * t, d))                            # [b·t, d]
     o = o.reshape(b, t, d) * g
     y = proj("output", 0.0, o, axes.HEADS, axes.EMBED, init=nn.initializers.zeros)
