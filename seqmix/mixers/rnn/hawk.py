@@ -13,7 +13,9 @@ as in `rglru`. Deviation: the 4-tap conv is the shared `ShortConv`, whose init i
 U(±1/√4) (recurrentgemma draws N(0, 0.01/4)); it masks taps across documents as the reference.
 A Hawk model is this block with a gated-GeLU MLP after it (the model's `mlp`).
 
-Decoding keeps the conv's last 3 inputs and the RG-LRU state [B, W] float32.
+Decoding keeps the conv's last 3 inputs and the RG-LRU state [B, W] float32. Document starts
+(segment-id changes, and the stream's first token even without segment ids, as recurrentgemma's
+`segment_pos == 0`) reset the state and take their input with normaliser 1.
 """
 
 from typing import NamedTuple
