@@ -47,7 +47,8 @@ def candidate(v, kind: str):
 def check_min_rnn(name: str, expand: int, kind: str):
   """Config checks shared by minGRU / minLSTM."""
   if not isinstance(expand, int) or expand < 1:
-    raise ValueError(f"{name}: expand={expand!r} must be an int >= 1 (hidden width expand·d_model).")
+    raise ValueError(f"{name}: expand={expand!r} must be an int >= 1 (hidden width "
+                     f"expand·d_model).")
   if kind not in CANDIDATE_ACTIVATIONS:
     raise ValueError(f"{name}: candidate_activation={kind!r} is not one of "
                      f"{CANDIDATE_ACTIVATIONS} ('g' is the paper's).")

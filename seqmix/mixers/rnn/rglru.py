@@ -15,8 +15,9 @@ square root is bounded by 1000 (recurrentgemma clips it so bf16 training does no
 where a_t → 1).
 
 Initialisation: Λ so that a = exp(−softplus(Λ)) is uniform on the ring min_rad ≤ |a| ≤ max_rad by
-area (a² uniform in [0.9², 0.999²]); gate weights N(0, 1/W), biases 0. Note: the paper's text says Λ is set so that a^c lies in [0.9, 0.999]; the
-reference code (followed here) puts a itself (the value of a_t when r_t = 1/c) in that ring.
+area (a² uniform in [0.9², 0.999²]); gate weights N(0, 1/W), biases 0. Note: the paper's text
+says Λ is set so that a^c lies in [0.9, 0.999]; the reference code (followed here) puts a itself
+(the value of a_t when r_t = 1/c) in that ring.
 """
 
 import functools

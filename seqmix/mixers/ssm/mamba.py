@@ -3,7 +3,7 @@ State Spaces", COLM 2024), through `seqmix.ops.ssm.selective_scan`.
 
     [x, z] = u W_in                                  [B, T, E·D] each (E = expand, no bias)
     x = silu(ShortConv_4(x))                         depthwise causal conv with bias
-    [δ, B, C] = x W_x                                δ [B, T, R] (R = dt_rank = ⌈D/16⌉), B, C [B, T, N]
+    [δ, B, C] = x W_x                                δ [B, T, R], B, C [B, T, N]; R = dt_rank = ⌈D/16⌉
     Δ = softplus(δ W_dt + b_dt)                      [B, T, E·D]
     A = −exp(A_log)  [E·D, N];  h_t = exp(Δ_t A) h_{t−1} + Δ_t B_t x_t;  y_t = C_t h_t + D ⊙ x_t
     out = (y ⊙ silu(z)) W_out
