@@ -276,3 +276,13 @@ def test_based_decode_cache_has_constant_size():
 def test_bad_hyperparameters_raise_clear_errors(cls, kwargs, match):
   with pytest.raises(ValueError, match=match):
     cls(d_model=D, **kwargs).init_cache(1, 8)
+
+
+@pytest.mark.parametrize("name", ["based", "rebased", "hedgehog", "performer", "cosformer"])
+def test_bfloat16_compute_stays_close_to_float32(name):
+  x = mt.random_inputs(0, 2, 13)
+  params = mt.init_params(mt.build(name), x)
+  y32, _ = jax.jit(mt.build(name).apply)({"params": params}, x)
+  y16, _ = jax.jit(mt.build(name, dtype=jnp.bfloat16).apply)({"params": params}, x)
+  assert y16.dtype == jnp.bfloat16
+  assert_rel_close(y16.astype(jnp.float32), y32, RTOL["bfloat16"])
