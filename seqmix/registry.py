@@ -32,6 +32,10 @@ class MixerInfo:
   constant_state: decoding keeps a constant-size state (False: a growing KV cache).
   pattern: for a layer pattern, the mixer names repeated over the depth.
   test_kwargs: small hyperparameters the shared tests use (at d_model=32).
+  needs_positions: the mixer has no position information of its own (no decay, convolution
+    or rotation: softmax attention without RoPE, the plain linear transformer), so a model
+    using it needs pos_embedding="learned"; the shared learning test and the MQAR configs
+    give it one.
   """
   name: str
   cls: Any
@@ -45,6 +49,7 @@ class MixerInfo:
   pattern: tuple[str, ...] = ()
   test_kwargs: dict = dataclasses.field(default_factory=dict)
   url: str = ""
+  needs_positions: bool = False
 
   @property
   def is_pattern(self) -> bool:
@@ -66,14 +71,16 @@ def _check_meta(name, family, year):
 
 
 def register(name: str, *, paper: str, year: int, venue: str, family: str, op: str,
-             parents=(), constant_state: bool = True, test_kwargs=None, url: str = ""):
+             parents=(), constant_state: bool = True, test_kwargs=None, url: str = "",
+             needs_positions: bool = False):
   """Class decorator adding a mixer to the registry."""
   def wrap(cls):
     _check_meta(name, family, year)
     _REGISTRY[name] = MixerInfo(name=name, cls=cls, paper=paper, year=int(year), venue=venue,
                                 family=family, op=op, parents=tuple(parents),
                                 constant_state=constant_state,
-                                test_kwargs=dict(test_kwargs or {}), url=url)
+                                test_kwargs=dict(test_kwargs or {}), url=url,
+                                needs_positions=needs_positions)
     return cls
   return wrap
 

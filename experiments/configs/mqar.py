@@ -23,6 +23,7 @@ AdamW decays every parameter; seqmix never decays norms and biases.
 import ml_collections
 
 from experiments.configs import common
+from seqmix import registry
 from seqmix.train.config import train_defaults
 
 PAIRS = {64: 4, 128: 8, 256: 16, 512: 64}
@@ -60,7 +61,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.norm_eps = 1e-5                 # torch default
   m.use_bias = True                 # torch LayerNorm/Linear default bias
   m.tie_embeddings = True           # zoology ties the head to the embedding
-  m.pos_embedding = "learned" if mixer == "mha" else "none"  # zoology: positions for attention
+  # zoology gives attention learned positions; so do mixers with no position information of
+  # their own (registry needs_positions, e.g. the plain linear transformer)
+  needs_pos = mixer == "mha" or (mixer in registry.names()
+                                 and registry.get(mixer).needs_positions)
+  m.pos_embedding = "learned" if needs_pos else "none"
   m.max_len = 16 if smoke else seq_len  # learned position table size
   m.dropout = 0.0                   # see the docstring
   m.dtype = "float32"               # compute dtype

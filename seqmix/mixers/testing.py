@@ -315,8 +315,12 @@ def lag_copy_accuracy(mixer: str, *, mixer_kwargs=None, steps: int = 300, lr: fl
 
   if mixer_kwargs is None:
     mixer_kwargs = {} if mixer == lm.NO_MIXER else {mixer: registry.get(mixer).test_kwargs}
+  # A mixer with no position information of its own gets learned absolute positions, as
+  # its paper's model does (registry `needs_positions`).
+  learned = mixer != lm.NO_MIXER and registry.get(mixer).needs_positions
   model = lm.LanguageModel(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers,
-                           mixer=mixer, mixer_kwargs=mixer_kwargs, mlp="swiglu")
+                           mixer=mixer, mixer_kwargs=mixer_kwargs, mlp="swiglu",
+                           pos_embedding="learned" if learned else "none", max_len=seq_len)
   inputs, targets = copying.copy_arrays(seed, (steps, batch_size, seq_len),
                                         vocab_size=vocab_size, lag=lag)  # [steps, b, t]
   params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(seed), inputs[0])["params"])
