@@ -39,6 +39,7 @@ class CosformerCache(NamedTuple):
     "cosformer", paper="cosFormer: Rethinking Softmax in Attention", year=2022, venue="ICLR",
     family="linear-attention", op="linear_attention.gla", parents=("linear_transformer",),
     constant_state=True, test_kwargs={"num_heads": 2, "max_len": 64},
+    needs_positions=True,
     url="https://arxiv.org/abs/2202.08791")
 class CosFormer(MixerBase):
   """Causal cosFormer attention.  x [B,T,D] -> y [B,T,D].

@@ -34,6 +34,7 @@ from seqmix.parallel import axes
     "hedgehog", paper="The Hedgehog & the Porcupine: Expressive Linear Attentions with Softmax "
     "Mimicry", year=2024, venue="ICLR", family="linear-attention", op="linear_attention.gla",
     parents=("linear_transformer",), constant_state=True, test_kwargs={"num_heads": 2},
+    needs_positions=True,
     url="https://arxiv.org/abs/2402.04347")
 class Hedgehog(MixerBase):
   """Linear attention with learnable [softmax(xW), softmax(−xW)] maps.  x [B,T,D] -> y [B,T,D].

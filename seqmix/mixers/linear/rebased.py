@@ -31,6 +31,7 @@ from seqmix.parallel import axes
     "rebased", paper="Linear Transformers with Learnable Kernel Functions are Better In-Context "
     "Models", year=2024, venue="ACL", family="linear-attention", op="linear_attention.gla",
     parents=("based",), constant_state=True, test_kwargs={"num_heads": 2, "feature_dim": 4},
+    needs_positions=True,
     url="https://arxiv.org/abs/2402.10644")
 class ReBased(MixerBase):
   """Linear attention with the learnable kernel (γ LayerNorm(x) + β)².  x [B,T,D] -> y [B,T,D].
