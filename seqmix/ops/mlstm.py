@@ -11,14 +11,14 @@ With the state stored divided by `exp(m)` (the true, unstabilised memory is `exp
     n_t  = exp(lf_t + m_{t-1} - m_t) n_{t-1} + exp(li_t - m_t) k_t
     h_t  = (scale q_t) C_t / (max(|(scale q_t) · n_t|, exp(-m_t)) + eps)
 
-This is the paper's `h̃_t = C̃_t q_t / max(|ñ_tᵀ q_t|, 1)` (eq. 21-24 with the stabiliser of
-its appendix), written in the convention of the NX-AI reference kernels (`mlstm_kernels`): the
-`1/sqrt(K)` scale multiplies q (the paper's original code scales k instead; q·(s k) = (s q)·k,
-so outputs agree, only the stored C and n differ by that factor), `eps = 1e-6` is added to the
-denominator, and the default initial stabiliser is `m_0 = 0`. Multiplying numerator and
-denominator by `exp(m_t)` shows that `m` cancels from `h_t` up to the `eps` term
-(`h_t = q C̃_t / (max(|q ñ_t|, 1) + eps exp(m_t))`): with `eps = 0` the output is exactly
-invariant to the stabiliser, e.g. to replacing an initial state `(C, n, m)` by
+This is the paper's `h̃_t = C̃_t q_t / max(|ñ_tᵀ q_t|, 1)` (its mLSTM equations with the
+stabiliser of its appendix), written in the convention of the NX-AI reference kernels
+(`mlstm_kernels`): the `1/sqrt(K)` scale multiplies q (the paper's original code scales k
+instead; q·(s k) = (s q)·k, so outputs agree, only the stored C and n differ by that factor),
+`eps = 1e-6` is added to the denominator, and the default initial stabiliser is `m_0 = 0`.
+Multiplying numerator and denominator by `exp(m_t)` shows that `m` cancels from `h_t` up to the
+`eps` term (`h_t = q C̃_t / (max(|q ñ_t|, 1) + eps exp(m_t))`): with `eps = 0` the output is
+exactly invariant to the stabiliser, e.g. to replacing an initial state `(C, n, m)` by
 `(C e^{-δ}, n e^{-δ}, m + δ)`.
 
 Reset semantics: `f̃ = -inf` (forget gate 0) clears the memory; `ĩ = -inf` writes nothing. Both
@@ -31,8 +31,9 @@ Forms (`impl`):
              (C_0, n_0, m_0), with b_t = lf_1 + ... + lf_t (in-chunk, inclusive) and
              a[t, s] = lf_{s+1} + ... + lf_t (the exact pairwise `segsum`):
                m_t = max(b_t + m_0, max_{s<=t} a[t, s] + li_s)
-               num_t = e^{b_t+m_0-m_t} (scale q_t) C_0 + sum_{s<=t} e^{a[t,s]+li_s-m_t} (scale q_t·k_s) v_s
-               den_t = e^{b_t+m_0-m_t} (scale q_t) n_0 + sum_{s<=t} e^{a[t,s]+li_s-m_t} (scale q_t·k_s)
+               D[t, s] = e^{a[t,s] + li_s - m_t} (scale q_t·k_s)      (s <= t)
+               num_t = e^{b_t+m_0-m_t} (scale q_t) C_0 + sum_{s<=t} D[t, s] v_s
+               den_t = e^{b_t+m_0-m_t} (scale q_t) n_0 + sum_{s<=t} D[t, s]
                h_t = num_t / (max(|den_t|, e^{-m_t}) + eps)
              and the chunk-end state uses the same expressions at t = C. This `m_t` is the
              reference's `m_t` unrolled, so both forms hold the SAME (C, n, m) at every chunk

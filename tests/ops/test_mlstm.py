@@ -69,17 +69,21 @@ def _check_chunked_vs_reference(t, dk, dv, chunk, dtype, gates, with_init, seed=
   assert all(x.dtype == jnp.float32 for x in s_c)
   assert_rel_close(o_c, o_r, rtol, "h")
   assert_trees_rel_close(s_c, s_r, rtol, "state")
-  assert_trees_rel_close(g_c, g_r, rtol, "grads")
+  # The float32 oracle is itself a T-step sequential accumulation: at T = 256 with weak
+  # (long-memory) gates its input-gate gradient is 8.1e-6 from a float64 run of the same
+  # recurrence, the chunked form's 2.1e-6 (measured, seed 0), so their difference reaches
+  # ~1e-5. Twice the float32 default covers that sum for T > 128; bfloat16 is unaffected.
+  grad_rtol = 2 * rtol if (t > 128 and jnp.dtype(dtype) == jnp.float32) else rtol
+  assert_trees_rel_close(g_c, g_r, grad_rtol, "grads")
 
 
 # A sample covering every axis at least once; the full product runs under -m slow.
 _SAMPLE = [
     # t, dk, dv, chunk, dtype, gates, with_init
-    (1, 16, 16, 16, jnp.float32, "weak", True),
-    (63, 60, 64, 16, jnp.float32, "strong", False),
-    (100, 64, 60, 64, jnp.bfloat16, "weak", False),
+    (1, 60, 64, 16, jnp.float32, "weak", True),
+    (63, 16, 16, 16, jnp.bfloat16, "weak", False),
+    (100, 64, 60, 64, jnp.float32, "strong", False),
     (256, 16, 16, 64, jnp.float32, "strong", True),
-    (100, 60, 60, 16, jnp.bfloat16, "strong", True),
 ]
 
 
@@ -122,9 +126,9 @@ def test_output_invariant_to_stabiliser(impl):
   """(C, n, m) and (C e^-δ, n e^-δ, m + δ) are the same memory: same outputs (eps = 0)."""
   *args, (c, n, m) = _inputs(4, 40, 16, 16, jnp.float32, "strong", True)
   delta = 7.5
-  h1, (c1, n1, m1) = mlstm(*args, eps=0.0, initial_state=(c, n, m), chunk_size=16, impl=impl)
-  h2, (c2, n2, m2) = mlstm(*args, eps=0.0, initial_state=(c * np.exp(-delta), n * np.exp(-delta),
-                                                          m + delta), chunk_size=16, impl=impl)
+  run = jax.jit(lambda s: mlstm(*args, eps=0.0, initial_state=s, chunk_size=16, impl=impl))
+  h1, (c1, n1, m1) = run((c, n, m))
+  h2, (c2, n2, m2) = run((c * np.exp(-delta), n * np.exp(-delta), m + delta))
   assert_rel_close(h2, h1, 1e-5, "h")
   # The final true memory exp(m) C agrees even where the two stabilisers differ.
   assert_rel_close(c2 * jnp.exp(m2 - m1)[..., None, None], c1, 1e-5, "C")
@@ -133,12 +137,12 @@ def test_output_invariant_to_stabiliser(impl):
 
 @pytest.mark.parametrize("impl", ["reference", "chunked"])
 def test_split_matches_whole(impl):
+  """First half -> state -> second half equals one call (halves of 50: not chunk-aligned)."""
   *args, state = _inputs(5, 100, 16, 16, jnp.float32, "strong", True)
-  h, s = mlstm(*args, initial_state=state, chunk_size=16, impl=impl)
-  first = [x[:, :37] for x in args]
-  second = [x[:, 37:] for x in args]
-  h1, s1 = mlstm(*first, initial_state=state, chunk_size=16, impl=impl)
-  h2, s2 = mlstm(*second, initial_state=s1, chunk_size=16, impl=impl)
+  run = jax.jit(lambda a, s: mlstm(*a, initial_state=s, chunk_size=16, impl=impl))
+  h, s = run(args, state)
+  h1, s1 = run([x[:, :50] for x in args], state)
+  h2, s2 = run([x[:, 50:] for x in args], s1)
   assert_rel_close(jnp.concatenate([h1, h2], axis=1), h, 1e-5, "h")
   assert_trees_rel_close(s2, s, 1e-5, "state")
 

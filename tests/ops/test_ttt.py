@@ -1,4 +1,4 @@
-"""seqmix.ops.ttt: the dual (chunked) form vs the jax.grad primal oracle, decoding, split prefill."""
+"""seqmix.ops.ttt: the dual (chunked) form vs the jax.grad primal oracle, decoding, splits."""
 
 import itertools
 
@@ -84,16 +84,22 @@ def _check_chunked_vs_reference(kind, t, dtype, init, seed=0):
   np.testing.assert_array_equal(n_c, ((0 if state is None else state.count) + t) % 16)
   assert_rel_close(o_c, o_r, rtol, "out")
   assert_trees_rel_close(s_c, s_r, rtol, "state")
+  if init is None:
+    # From zero weights every update of the first mini-batch is -τ_j·(...) fed through a
+    # LayerNorm, which is scale-invariant: the true gradient w.r.t. token_scale is ~0 (only
+    # LN's eps sees the scale), so its relative error is rounding noise. Check it is finite
+    # and compare everything else.
+    assert np.all(np.isfinite(np.asarray(g_c[0][6]))) and np.all(np.isfinite(g_r[0][6]))
+    g_c, g_r = (g[0][:6] for g in (g_c, g_r))
   assert_trees_rel_close(g_c, g_r, rtol, "grads")
 
 
 # A sample covering every axis at least once; the full product runs under -m slow.
 _SAMPLE = [
-    # kind, t, dtype, init
-    ("linear", 63, jnp.float32, "pending"),
-    ("linear", 100, jnp.bfloat16, "fresh"),
-    ("mlp", 16, jnp.float32, "fresh"),
-    ("mlp", 1, jnp.bfloat16, "pending"),
+    # kind, t, dtype, init   (T = 1 is covered by test_decode_matches_parallel)
+    ("linear", 100, jnp.float32, "pending"),
+    ("linear", 16, jnp.bfloat16, "fresh"),
+    ("mlp", 63, jnp.float32, "pending"),
 ]
 
 
@@ -109,13 +115,13 @@ def test_chunked_matches_reference_full(kind, t, dtype, init):
   _check_chunked_vs_reference(kind, t, dtype, init)
 
 
-@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("kind", ["linear", pytest.param("mlp", marks=pytest.mark.slow)])
 def test_default_state_forward(kind):
   """initial_state=None (zero weights): forward and final state agree."""
   args, _ = _inputs(1, kind, 37, jnp.float32, None)
-  q, k, v, eta, ln_w, ln_b, tau = args
-  o_c, s_c = _OPS[kind](*args[:6], token_scale=tau, impl="chunked")
-  o_r, s_r = _OPS[kind](*args[:6], token_scale=tau, impl="reference")
+  run = lambda impl: jax.jit(lambda a: _OPS[kind](*a[:6], token_scale=a[6], impl=impl))(args)
+  o_c, s_c = run("chunked")
+  o_r, s_r = run("reference")
   assert_rel_close(o_c, o_r, 1e-5, "out")
   assert_trees_rel_close(s_c, s_r, 1e-5, "state")
 
@@ -171,7 +177,8 @@ def test_decode_matches_parallel(kind):
   np.testing.assert_array_equal(s.count, final.count)
 
 
-@pytest.mark.parametrize("kind", ["linear", "mlp"])
+# One kind suffices by default: both share the state handling of `_chunked`.
+@pytest.mark.parametrize("kind", ["mlp", pytest.param("linear", marks=pytest.mark.slow)])
 def test_split_matches_whole(kind):
   """Prefill in pieces [0,5), [5,13), [13,37), [37,50) from the returned states equals one call."""
   (q, k, v, eta, ln_w, ln_b, tau), state = _inputs(4, kind, 50, jnp.float32, "fresh")
@@ -187,8 +194,8 @@ def test_split_matches_whole(kind):
 
 
 def test_jit_matches_eager():
-  args, state = _inputs(5, "mlp", 20, jnp.float32, "pending")
-  fn = lambda a, s: ttt.ttt_mlp(*a[:6], token_scale=a[6], initial_state=s, impl="chunked")
+  args, state = _inputs(5, "linear", 20, jnp.float32, "pending")
+  fn = lambda a, s: ttt.ttt_linear(*a[:6], token_scale=a[6], initial_state=s, impl="chunked")
   assert_trees_rel_close(jax.jit(fn)(args, state), fn(args, state), 1e-6, "jit")
 
 
