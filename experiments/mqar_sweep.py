@@ -42,8 +42,17 @@ _OUT = flags.DEFINE_string("out", "out/mqar_sweep", "Output folder.")
 _STEPS_PER_CALL = 100
 
 
-def _loss(model, params, x, y):
-  logits, _ = model.apply({"params": params}, x, deterministic=True)
+def _scored(inputs, targets):
+  """(inputs [N,T], positions [N,P], targets [N,P]): the P scored positions of each example
+  (padded with target -100 where an example has fewer), so logits are formed only there."""
+  mask = targets != mqar_data.IGNORE
+  p = int(mask.sum(1).max())
+  pos = np.argsort(~mask, axis=1, kind="stable")[:, :p].astype(np.int32)   # scored first
+  return inputs, pos, np.take_along_axis(targets, pos, axis=1)
+
+
+def _loss(model, params, x, pos, y):
+  logits, _ = model.apply({"params": params}, x, deterministic=True, logit_positions=pos)
   mask = y != mqar_data.IGNORE
   ll = jax.nn.log_softmax(logits.astype(jnp.float32))
   nll = -jnp.take_along_axis(ll, jnp.where(mask, y, 0)[..., None], -1)[..., 0]
@@ -53,7 +62,7 @@ def _loss(model, params, x, y):
 def run_mixer(name, train, test, lrs):
   cfg = mqar_config.get_config(f"mixer={name},T={_T.value},d={_D.value}")
   model = loop.build_model(cfg.model, cfg.data.vocab_size)
-  x_tr, y_tr = (jnp.asarray(a) for a in train)
+  x_tr, p_tr, y_tr = (jnp.asarray(a) for a in _scored(*train))
   n_lr = len(lrs)
   keys = jax.random.split(jax.random.PRNGKey(_SEED.value), n_lr)
   params = jax.vmap(lambda k: model.init(k, x_tr[:2])["params"])(keys)
@@ -66,10 +75,10 @@ def run_mixer(name, train, test, lrs):
   def one(carry, key):
     params, opt_state = carry
     idx = jax.random.randint(key, (_BATCH.value,), 0, x_tr.shape[0])
-    x, y = x_tr[idx], y_tr[idx]
+    x, pos, y = x_tr[idx], p_tr[idx], y_tr[idx]
 
     def upd(p, s, lr):
-      loss, g = jax.value_and_grad(lambda p: _loss(model, p, x, y))(p)
+      loss, g = jax.value_and_grad(lambda p: _loss(model, p, x, pos, y))(p)
       u, s = tx.update(g, s, p)
       return jax.tree.map(lambda a, b: a - lr * b, p, u), s, loss
     params, opt_state, loss = jax.vmap(upd)(params, opt_state, lrs)
@@ -82,9 +91,9 @@ def run_mixer(name, train, test, lrs):
     return params, opt_state, losses[-1]
 
   @jax.jit
-  def correct(params, x, y):
+  def correct(params, x, pos, y):
     def acc(p):
-      logits, _ = model.apply({"params": p}, x, deterministic=True)
+      logits, _ = model.apply({"params": p}, x, deterministic=True, logit_positions=pos)
       mask = y != mqar_data.IGNORE
       return jnp.sum((jnp.argmax(logits, -1) == y) & mask), jnp.sum(mask)
     return jax.vmap(acc)(params)
@@ -95,8 +104,9 @@ def run_mixer(name, train, test, lrs):
   for i in range(_STEPS.value // _STEPS_PER_CALL):
     params, opt_state, loss = many(params, opt_state, jax.random.fold_in(key, i))
   hits, total = np.zeros(n_lr), 0
-  for s in range(0, test[0].shape[0], 500):
-    h, n = correct(params, jnp.asarray(test[0][s:s + 500]), jnp.asarray(test[1][s:s + 500]))
+  x_te, p_te, y_te = _scored(*test)
+  for s in range(0, x_te.shape[0], 500):
+    h, n = correct(params, *(jnp.asarray(a[s:s + 500]) for a in (x_te, p_te, y_te)))
     hits += np.asarray(h)
     total = total + np.asarray(n)[0]
   return hits / total, np.asarray(loss), time.time() - t0

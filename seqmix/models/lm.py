@@ -251,11 +251,13 @@ class LanguageModel(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, *, segment_ids=None, positions=None, cache=None,
-               deterministic: bool = True):
+               deterministic: bool = True, logit_positions=None):
     """tokens [B, T] int -> (logits [B, T, Vo] float32, new cache or None).
 
     segment_ids [B, T] int: packed documents. positions [B, T] int: see the module docstring.
     cache: from `init_cache` (a tuple of BlockCache; one stacked BlockCache if scan_layers).
+    logit_positions: None, or [B, P] int time indices: logits only there ([B, P, Vo]), so a
+      task scored at few positions (MQAR) never forms the [B, T, Vo] logits.
     """
     names = self.layer_mixers()
     b, t = tokens.shape
@@ -301,6 +303,8 @@ class LanguageModel(nn.Module):
 
     x = norms.make_norm(self.norm, eps=self.norm_eps, use_bias=self.use_bias, dtype=self.dtype,
                         param_dtype=self.param_dtype, name="norm_final")(x)
+    if logit_positions is not None:
+      x = jnp.take_along_axis(x, logit_positions[..., None].astype(jnp.int32), axis=1)  # [b,p,d]
     if self.tie_embeddings:
       logits = embed.attend(x)
     else:
