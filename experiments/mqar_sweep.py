@@ -40,6 +40,7 @@ _TEST = flags.DEFINE_integer("test_examples", 3_000, "Test-set size.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed.")
 _OUT = flags.DEFINE_string("out", "out/mqar_sweep", "Output folder.")
 _STEPS_PER_CALL = 100
+_EVAL_BATCH = 100  # test examples per accuracy call (x the vmapped learning rates)
 
 
 def _scored(inputs, targets):
@@ -105,8 +106,8 @@ def run_mixer(name, train, test, lrs):
     params, opt_state, loss = many(params, opt_state, jax.random.fold_in(key, i))
   hits, total = np.zeros(n_lr), 0
   x_te, p_te, y_te = _scored(*test)
-  for s in range(0, x_te.shape[0], 500):
-    h, n = correct(params, *(jnp.asarray(a[s:s + 500]) for a in (x_te, p_te, y_te)))
+  for s in range(0, x_te.shape[0], _EVAL_BATCH):
+    h, n = correct(params, *(jnp.asarray(a[s:s + _EVAL_BATCH]) for a in (x_te, p_te, y_te)))
     hits += np.asarray(h)
     total = total + np.asarray(n)[0]
   return hits / total, np.asarray(loss), time.time() - t0

@@ -31,6 +31,17 @@ BATCH = {64: 512, 128: 512, 256: 256, 512: 128}
 NUM_TRAIN, NUM_TEST, EPOCHS = 100_000, 3_000, 64
 
 
+def _fit_heads(mixer: str, d: int) -> dict:
+  """{mixer: {"num_heads": h}} with h the largest divisor of d up to the mixer's default
+  head count, when that default does not divide d (e.g. Hedgehog's 12 heads at d = 128)."""
+  if mixer not in registry.names():
+    return {}
+  default = getattr(registry.get(mixer).cls, "num_heads", None)
+  if not isinstance(default, int) or d % default == 0:
+    return {}
+  return {mixer: {"num_heads": max(h for h in range(1, default + 1) if d % h == 0)}}
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args, flags = common.parse_arg(arg, {"mixer": "mha", "T": 64, "d": 64, "lr": 1e-3})
   smoke = "smoke" in flags
@@ -55,7 +66,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.n_layers = 2                    # zoology attention baseline: 2 layers
   m.mixer = mixer                   # registry name
   # 1 head for softmax attention, no rotary (learned absolute positions instead)
-  m.mixer_kwargs = {"mha": {"num_heads": 1, "position": "none"}} if mixer == "mha" else {}
+  m.mixer_kwargs = ({"mha": {"num_heads": 1, "position": "none"}} if mixer == "mha"
+                    else _fit_heads(mixer, m.d_model))
   m.mlp = "none"                    # zoology: state_mixer = Identity
   m.norm = "layernorm"              # zoology's LayerNorm
   m.norm_eps = 1e-5                 # torch default
