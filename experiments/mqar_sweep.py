@@ -40,7 +40,7 @@ _TEST = flags.DEFINE_integer("test_examples", 3_000, "Test-set size.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed.")
 _OUT = flags.DEFINE_string("out", "out/mqar_sweep", "Output folder.")
 _STEPS_PER_CALL = 100
-_EVAL_BATCH = 100  # test examples per accuracy call (x the vmapped learning rates)
+_EVAL_BATCH = 100  # test examples per accuracy call
 
 
 def _scored(inputs, targets):
@@ -92,24 +92,26 @@ def run_mixer(name, train, test, lrs):
     return params, opt_state, losses[-1]
 
   @jax.jit
-  def correct(params, x, pos, y):
-    def acc(p):
-      logits, _ = model.apply({"params": p}, x, deterministic=True, logit_positions=pos)
-      mask = y != mqar_data.IGNORE
-      return jnp.sum((jnp.argmax(logits, -1) == y) & mask), jnp.sum(mask)
-    return jax.vmap(acc)(params)
+  def correct(p, x, pos, y):
+    logits, _ = model.apply({"params": p}, x, deterministic=True, logit_positions=pos)
+    mask = y != mqar_data.IGNORE
+    return jnp.sum((jnp.argmax(logits, -1) == y) & mask), jnp.sum(mask)
 
   t0 = time.time()
   key = jax.random.PRNGKey(_SEED.value + 1)
   loss = None
   for i in range(_STEPS.value // _STEPS_PER_CALL):
     params, opt_state, loss = many(params, opt_state, jax.random.fold_in(key, i))
+  # One learning rate at a time: a vmapped evaluation can pick far larger buffers.
   hits, total = np.zeros(n_lr), 0
   x_te, p_te, y_te = _scored(*test)
-  for s in range(0, x_te.shape[0], _EVAL_BATCH):
-    h, n = correct(params, *(jnp.asarray(a[s:s + _EVAL_BATCH]) for a in (x_te, p_te, y_te)))
-    hits += np.asarray(h)
-    total = total + np.asarray(n)[0]
+  for j in range(n_lr):
+    p = jax.tree.map(lambda a, j=j: a[j], params)
+    total = 0
+    for s in range(0, x_te.shape[0], _EVAL_BATCH):
+      h, n = correct(p, *(jnp.asarray(a[s:s + _EVAL_BATCH]) for a in (x_te, p_te, y_te)))
+      hits[j] += int(h)
+      total += int(n)
   return hits / total, np.asarray(loss), time.time() - t0
 
 
