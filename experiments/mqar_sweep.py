@@ -38,9 +38,9 @@ _BATCH = flags.DEFINE_integer("batch", 256, "Batch size.")
 _TRAIN = flags.DEFINE_integer("train_examples", 100_000, "Training-set size.")
 _TEST = flags.DEFINE_integer("test_examples", 3_000, "Test-set size.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed.")
+_EVAL_BATCH = flags.DEFINE_integer("eval_batch", 100, "Test examples per accuracy call.")
 _OUT = flags.DEFINE_string("out", "out/mqar_sweep", "Output folder.")
 _STEPS_PER_CALL = 100
-_EVAL_BATCH = 100  # test examples per accuracy call
 
 
 def _scored(inputs, targets):
@@ -108,8 +108,8 @@ def run_mixer(name, train, test, lrs):
   for j in range(n_lr):
     p = jax.tree.map(lambda a, j=j: a[j], params)
     total = 0
-    for s in range(0, x_te.shape[0], _EVAL_BATCH):
-      h, n = correct(p, *(jnp.asarray(a[s:s + _EVAL_BATCH]) for a in (x_te, p_te, y_te)))
+    for s in range(0, x_te.shape[0], _EVAL_BATCH.value):
+      h, n = correct(p, *(jnp.asarray(a[s:s + _EVAL_BATCH.value]) for a in (x_te, p_te, y_te)))
       hits[j] += int(h)
       total += int(n)
   return hits / total, np.asarray(loss), time.time() - t0
