@@ -42,6 +42,7 @@ import jax.numpy as jnp
 
 from seqmix import registry
 from seqmix.mixers.common import mlp as mlp_lib
+from seqmix.mixers.common import rwkv_channel_mix
 from seqmix.mixers.common import norms
 from seqmix.parallel import axes
 from seqmix.positional import learned
@@ -51,9 +52,13 @@ NO_MIXER = "none"  # `mixer="none"`: blocks without token mixing (the ablation /
 # The one place MLP names are resolved. A stateful MLP (RWKV's channel mix) sets a class
 # attribute `stateful = True`, takes `cache=` and returns `(y, cache)`, and implements
 # `init_cache(batch_size, max_len, dtype)`; the block then keeps its cache in `BlockCache.mlp`.
-MLPS: dict[str, type] = {"swiglu": mlp_lib.SwiGLU, "gelu": mlp_lib.GeluMLP}
+# A stateful MLP also gets d_model, layer_idx and n_layers, the block's segment ids, and keeps
+# its own initialisation (RWKV's depth-dependent token-shift mix, orthogonal/zero kernels).
+MLPS: dict[str, type] = {"swiglu": mlp_lib.SwiGLU, "gelu": mlp_lib.GeluMLP,
+                         "rwkv_channel_mix": rwkv_channel_mix.RWKVChannelMix}
 # Hidden width M = round(mlp_ratio · d_model) when mlp_ratio is None: GPT-2's 4 for GELU, and
-# 8/3 for SwiGLU (its three matrices then hold as many parameters as GELU's two at 4).
+# 8/3 for SwiGLU (its three matrices then hold as many parameters as GELU's two at 4); RWKV-6's
+# channel mix: int(3.5 · D) rounded down to a multiple of 32 (`rwkv_hidden`).
 DEFAULT_MLP_RATIO = {"swiglu": 8 / 3, "gelu": 4.0}
 
 REMAT_POLICIES: dict[str, Callable | None] = {
@@ -139,15 +144,18 @@ class Block(nn.Module):
       x = x + nn.Dropout(self.dropout)(y.astype(x.dtype), deterministic=self.deterministic)
     if self.mlp != "none":
       cls = MLPS[self.mlp]
-      mlp = cls(hidden=self.mlp_hidden, use_bias=self.use_bias, dropout=self.dropout,
-                kernel_init=nn.initializers.normal(self.init_std),
-                out_init=nn.initializers.normal(self.mlp_out_std),
-                dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")
+      common = dict(hidden=self.mlp_hidden, use_bias=self.use_bias, dropout=self.dropout,
+                    dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")
       h = self._norm("norm_mlp")(x)
       if getattr(cls, "stateful", False):
-        y, new_mlp_cache = mlp(h, cache=None if cache is None else cache.mlp,
+        mlp = cls(d_model=self.d_model, layer_idx=self.layer_idx, n_layers=self.n_layers,
+                  **common)
+        y, new_mlp_cache = mlp(h, segment_ids=segment_ids,
+                               cache=None if cache is None else cache.mlp,
                                deterministic=self.deterministic)
       else:
+        mlp = cls(kernel_init=nn.initializers.normal(self.init_std),
+                  out_init=nn.initializers.normal(self.mlp_out_std), **common)
         y = mlp(h, deterministic=self.deterministic)
       x = x + y.astype(x.dtype)
     return x, (None if cache is None else BlockCache(new_mixer_cache, new_mlp_cache))
@@ -161,8 +169,9 @@ class LanguageModel(nn.Module):
     pattern repeated over the depth ("gla,gla,mha"), or "none" (blocks without token mixing).
   mixer_kwargs: mixer name -> dict of that mixer's hyperparameters (entries for mixers not in
     the pattern are allowed and unused, so a sweep can keep them all).
-  mlp: "swiglu" | "gelu" | "none". mlp_ratio: hidden M = round(mlp_ratio · D); None -> 8/3
-    (swiglu) or 4 (gelu).
+  mlp: "swiglu" | "gelu" | "rwkv_channel_mix" (stateful, RWKV-6's) | "none".
+    mlp_ratio: hidden M = round(mlp_ratio · D); None -> 8/3 (swiglu), 4 (gelu), or RWKV-6's
+    int(3.5 · D) rounded down to a multiple of 32 (rwkv_channel_mix).
   norm: "rmsnorm" | "layernorm". norm_eps: its epsilon.
   use_bias: biases in norms (layernorm) and MLPs (nanoGPT's `bias`).
   tie_embeddings: the head is the transposed token embedding.
@@ -232,6 +241,8 @@ class LanguageModel(nn.Module):
   def _mlp_hidden(self) -> int:
     if self.mlp == "none":
       return 0
+    if self.mlp == "rwkv_channel_mix" and self.mlp_ratio is None:
+      return rwkv_channel_mix.rwkv_hidden(self.d_model)
     ratio = DEFAULT_MLP_RATIO[self.mlp] if self.mlp_ratio is None else self.mlp_ratio
     return max(1, round(ratio * self.d_model))
 
@@ -330,8 +341,9 @@ class LanguageModel(nn.Module):
       mlp_cache = None
       cls = MLPS.get(self.mlp)
       if cls is not None and getattr(cls, "stateful", False):
-        mlp_cache = cls(hidden=self._mlp_hidden(), dtype=self.dtype, param_dtype=self.param_dtype,
-                        parent=None).init_cache(batch_size, max_len, dtype=dtype)
+        mlp_cache = cls(hidden=self._mlp_hidden(), d_model=self.d_model, dtype=self.dtype,
+                        param_dtype=self.param_dtype, parent=None).init_cache(
+                            batch_size, max_len, dtype=dtype)
       caches.append(BlockCache(mixer_cache, mlp_cache))
     if self.scan_layers:
       return jax.tree.map(lambda *xs: jnp.stack(xs), *caches)

@@ -182,6 +182,27 @@ def test_mlp_choices(mixer, mlp, ratio, hidden):
     assert np.isfinite(np.asarray(_fwd(model)(params, _tokens())[0])).all()
 
 
+def test_rwkv_channel_mix_block_decodes_and_isolates_documents(mixer):
+  """The stateful MLP: RWKV-6 width and init, decode == parallel, no leak across documents."""
+  model = _model(mixer, mlp="rwkv_channel_mix")
+  block = mt.random_params(model, _tokens())["block_1"]["mlp"]
+  assert block["key"]["kernel"].shape == (D, 96)  # int(3.5 * 32) // 32 * 32
+  params, tokens = _params(model), _tokens()
+  logits, _ = _fwd(model)(params, tokens)
+  assert_rel_close(_decode(model, params, tokens, [1] * T), logits, RTOL["float32"],
+                   "token-by-token")
+  assert_rel_close(_decode(model, params, tokens, [4, 5]), logits, RTOL["float32"], "4 + 5")
+  # Two documents packed in one row give the logits of the second document alone.
+  seg = jnp.asarray([[0] * 4 + [1] * (T - 4)] * B, jnp.int32)
+  packed, _ = model.apply({"params": params}, tokens, segment_ids=seg)
+  alone, _ = model.apply({"params": params}, tokens[:, 4:])
+  assert_rel_close(packed[:, 4:], alone, RTOL["float32"], "second document")
+  init = model.init(jax.random.PRNGKey(0), _tokens())["params"]["block_1"]["mlp"]
+  init = nn.meta.unbox(init)
+  assert not np.any(np.asarray(init["value"]["kernel"]))  # RWKV: W_v, W_r start at zero
+  assert not np.any(np.asarray(init["receptance"]["kernel"]))
+
+
 def test_residual_init_scaling():
   def model(**kw):  # no mixer: only the model's own init is under test
     return lm.LanguageModel(vocab_size=V, d_model=D, n_layers=L, mixer="none", **kw)
