@@ -87,11 +87,19 @@ def register(name: str, *, paper: str, year: int, venue: str, family: str, op: s
 
 def register_pattern(name: str, pattern, *, paper: str, year: int, venue: str, op: str,
                      parents=(), url: str = ""):
-  """A layer pattern (a hybrid): `pattern` names registered mixers, repeated over the depth."""
+  """A layer pattern (a hybrid): `pattern` names registered mixers, repeated over the depth.
+
+  Its decoding state is constant when every mixer of the pattern keeps a constant state (so
+  the members must be registered first).
+  """
   _check_meta(name, "hybrid", year)
+  missing = [m for m in pattern if m not in _REGISTRY]
+  if missing:
+    raise ValueError(f"register_pattern({name!r}): register {missing} before the pattern.")
+  constant = all(_REGISTRY[m].constant_state for m in pattern)
   _REGISTRY[name] = MixerInfo(name=name, cls=None, paper=paper, year=int(year), venue=venue,
                               family="hybrid", op=op, parents=tuple(parents),
-                              constant_state=False, pattern=tuple(pattern), url=url)
+                              constant_state=constant, pattern=tuple(pattern), url=url)
 
 
 def _load_all():

@@ -37,3 +37,14 @@ def test_expand_pattern_repeats_over_depth():
   assert registry.expand_pattern(f"{a},{a},{b}", 5) == [a, a, b, a, a]
   with pytest.raises(ValueError):
     registry.expand_pattern(" , ", 2)
+
+
+def test_pattern_state_is_constant_only_when_every_member_is():
+  for name in registry.names():
+    info = registry.get(name)
+    if info.pattern:
+      assert info.constant_state == all(registry.get(m).constant_state for m in info.pattern)
+  if "xlstm" in registry.names():
+    assert registry.get("xlstm").constant_state          # mLSTM and sLSTM: fixed-size states
+  if "griffin" in registry.names():
+    assert not registry.get("griffin").constant_state    # local MQA keeps a window cache

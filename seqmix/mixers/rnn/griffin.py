@@ -16,6 +16,7 @@ that is not a multiple of 3 ends part way through the pattern).
 
 from seqmix import registry
 from seqmix.mixers.attention.mha import MHA
+from seqmix.mixers.rnn import hawk  # noqa: F401  (registers "hawk" before the pattern)
 
 GRIFFIN_PAPER = ("Griffin: Mixing Gated Linear Recurrences with Local Attention for Efficient "
                  "Language Models")

@@ -11,6 +11,8 @@ eight layers.
 """
 
 from seqmix import registry
+from seqmix.mixers.linear import mlstm  # noqa: F401  (registers "mlstm" before the pattern)
+from seqmix.mixers.rnn import slstm  # noqa: F401  (registers "slstm")
 
 PATTERN = ("mlstm",) * 7 + ("slstm",)
 
