@@ -35,8 +35,11 @@ test: $(STAMP)
 test-full: $(STAMP)
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --durations=40 $(PYTEST_ARGS) tests
 
+# On the accelerator: fast forms vs reference there, the scan benchmark, the step benchmark.
 bench: $(STAMP)
-	$(PY) -m experiments.bench.run_all
+	$(PY) -m experiments.bench.device_check
+	$(PY) -m experiments.bench.scan_bench
+	$(PY) -m experiments.bench.shakespeare_step
 
 clean:
 	rm -rf $(VENV) .pytest_cache
