@@ -2,7 +2,7 @@
 
   python -m experiments.demo
 
-Runs on a CPU in a few minutes. For each mixer in DEMO_MIXERS that is registered (others
+Runs on a CPU in about six minutes (2 cores). For each mixer in DEMO_MIXERS that is registered (others
 are skipped with a note) it trains a 2-layer model on MQAR (T=64, 4 key-value pairs,
 vocabulary 256), prints the validation accuracy per mixer and saves a bar plot to
 out/demo/mqar_accuracy.png. Then, if the tinyshakespeare corpus is on this machine
@@ -21,7 +21,7 @@ from experiments.configs import shakespeare_char as sc_config
 from seqmix import registry
 from seqmix.train import loop
 
-DEMO_MIXERS = ["mha"]
+DEMO_MIXERS = ["mha", "gla", "mamba2", "hawk"]
 OUT = os.path.join("out", "demo")
 
 
@@ -67,7 +67,9 @@ def run_mqar() -> dict[str, float]:
 
 
 def print_table(results: dict[str, float]) -> None:
-  print("\nMQAR (T=64, 4 pairs, V=256), validation accuracy over the scored positions")
+  print("\nMQAR (T=64, 4 pairs, V=256, d_model 64, 800 steps on this machine), validation accuracy "
+        "over the scored positions.\nA small, equal budget: it shows how fast each mixer learns "
+        "recall, not where it ends (README: MQAR on an H100).")
   print(f"{'mixer':<12} accuracy")
   for mixer, acc in results.items():
     print(f"{mixer:<12} {acc:.3f}")
@@ -81,7 +83,7 @@ def save_plot(results: dict[str, float]) -> str:
   ax.bar(list(results), list(results.values()), color="tab:blue")
   ax.set_ylim(0, 1)
   ax.set_ylabel("MQAR accuracy")
-  ax.set_title("MQAR T=64, 4 pairs")
+  ax.set_title("MQAR T=64, 4 pairs, 800 steps")
   fig.tight_layout()
   path = os.path.join(OUT, "mqar_accuracy.png")
   fig.savefig(path, dpi=100)
