@@ -46,6 +46,41 @@ def out_proj_init(n_layers: int):
   return nn.initializers.variance_scaling(1.0 / 3.0 / (2 * n_layers), "fan_in", "uniform")
 
 
+def delta_inputs(x, key_dim: int, value_dim: int, num_heads: int, *, conv_size: int,
+                 conv_bias: bool, conv_impl: str, segment_ids, conv_cache, dtype, param_dtype):
+  """The input path DeltaNet and Gated DeltaNet share, for use inside a compact `__call__` (its
+  modules join the caller's: q_proj, k_proj, v_proj, conv1d, b_proj).
+
+  x [B, T, D] -> q, k [B, T, H, Kh] (L2-normalised), v [B, T, H, Vh], beta [B, T, H] float32,
+  and the short conv's new cache: q/k/v projections, one short causal conv + SiLU over
+  [q; k; v], then β = sigmoid(x W_b).
+  """
+  b, t, _ = x.shape
+  kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype,
+            kernel_init=axes.param(FLA_LINEAR_INIT, axes.EMBED, axes.HEADS))
+  qkv = jnp.concatenate([nn.Dense(key_dim, name="q_proj", **kw)(x),
+                         nn.Dense(key_dim, name="k_proj", **kw)(x),
+                         nn.Dense(value_dim, name="v_proj", **kw)(x)], axis=-1)  # [b, t, 2k + v]
+  qkv, conv_cache = ShortConv(
+      2 * key_dim + value_dim, conv_size, use_bias=conv_bias, activation="silu",
+      impl=conv_impl, axis=axes.HEADS, dtype=dtype, param_dtype=param_dtype,
+      name="conv1d")(qkv, segment_ids=segment_ids, cache=conv_cache)
+  q, k, v = jnp.split(qkv, [key_dim, 2 * key_dim], axis=-1)
+  q = l2_normalize(q.reshape(b, t, num_heads, -1))                       # [b, t, h, k]
+  k = l2_normalize(k.reshape(b, t, num_heads, -1))
+  v = v.reshape(b, t, num_heads, -1)                                     # [b, t, h, v]
+  beta = jax.nn.sigmoid(nn.Dense(num_heads, name="b_proj", **kw)(x).astype(jnp.float32))
+  return q, k, v, beta, conv_cache
+
+
+def delta_conv_cache(batch_size: int, conv_size: int, key_dim: int, value_dim: int,
+                     dtype) -> ShortConvCache:
+  """An empty cache of `delta_inputs`' short conv over [q; k; v]."""
+  l1 = conv_size - 1
+  return ShortConvCache(jnp.zeros((batch_size, l1, 2 * key_dim + value_dim), dtype),
+                        jnp.full((batch_size, l1), -1, jnp.int32))
+
+
 class DeltaNetCache(NamedTuple):
   conv: ShortConvCache  # the short conv's last L−1 inputs over [q, k, v]
   state: jax.Array      # [B, H, K, V] float32 fast weights
@@ -84,9 +119,8 @@ class DeltaNet(MixerBase):
   def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> DeltaNetCache:
     del max_len
     key_dim, value_dim = self._dims()
-    h, l1 = self.num_heads, self.conv_size - 1
-    conv = ShortConvCache(jnp.zeros((batch_size, l1, 2 * key_dim + value_dim), dtype),
-                          jnp.full((batch_size, l1), -1, jnp.int32))
+    h = self.num_heads
+    conv = delta_conv_cache(batch_size, self.conv_size, key_dim, value_dim, dtype)
     return DeltaNetCache(conv, jnp.zeros((batch_size, h, key_dim // h, value_dim // h),
                                          jnp.float32), jnp.full((batch_size,), -1, jnp.int32))
 
@@ -97,21 +131,12 @@ class DeltaNet(MixerBase):
     key_dim, value_dim = self._dims()
     b, t, _ = x.shape
     h = self.num_heads
-    kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
     x = x.astype(self.dtype)
-    dense = lambda f, name, out_axis=axes.HEADS: nn.Dense(
-        f, name=name, kernel_init=axes.param(FLA_LINEAR_INIT, axes.EMBED, out_axis), **kw)
-    qkv = jnp.concatenate([dense(key_dim, "q_proj")(x), dense(key_dim, "k_proj")(x),
-                           dense(value_dim, "v_proj")(x)], axis=-1)      # [b, t, 2k + v]
-    qkv, conv_cache = ShortConv(
-        2 * key_dim + value_dim, self.conv_size, use_bias=self.conv_bias, activation="silu",
-        impl=self.conv_impl, axis=axes.HEADS, dtype=self.dtype, param_dtype=self.param_dtype,
-        name="conv1d")(qkv, segment_ids=segment_ids, cache=None if cache is None else cache.conv)
-    q, k, v = jnp.split(qkv, [key_dim, 2 * key_dim], axis=-1)
-    q = l2_normalize(q.reshape(b, t, h, -1))                             # [b, t, h, k]
-    k = l2_normalize(k.reshape(b, t, h, -1))
-    v = v.reshape(b, t, h, -1)                                           # [b, t, h, v]
-    beta = jax.nn.sigmoid(dense(h, "b_proj")(x).astype(jnp.float32))    # [b, t, h]
+    q, k, v, beta, conv_cache = delta_inputs(
+        x, key_dim, value_dim, h, conv_size=self.conv_size, conv_bias=self.conv_bias,
+        conv_impl=self.conv_impl, segment_ids=segment_ids,
+        conv_cache=None if cache is None else cache.conv, dtype=self.dtype,
+        param_dtype=self.param_dtype)
     starts = segments.segment_starts(segment_ids,
                                      cache_last_id=None if cache is None else cache.seg)
     g = segments.reset_log_gate(None, starts, (b, t, h))
@@ -120,7 +145,8 @@ class DeltaNet(MixerBase):
                                     chunk_size=self.chunk_size, impl=self.impl)
     o = RMSNorm(eps=self.norm_eps, axis_name=axes.KV, dtype=self.dtype,
                 param_dtype=self.param_dtype, name="o_norm")(o)          # [b, t, h, v]
-    y = nn.Dense(self.d_model, name="o_proj", **kw, kernel_init=axes.param(
+    y = nn.Dense(self.d_model, name="o_proj", use_bias=False, dtype=self.dtype,
+                 param_dtype=self.param_dtype, kernel_init=axes.param(
         out_proj_init(self.n_layers), axes.HEADS, axes.EMBED))(o.reshape(b, t, value_dim))
     new_cache = None if cache is None else DeltaNetCache(
         conv_cache, state, segments.last_segment_id(segment_ids, b))

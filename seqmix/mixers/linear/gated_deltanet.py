@@ -25,8 +25,8 @@ from seqmix import registry
 from seqmix.mixers.base import MixerBase
 from seqmix.mixers.common import segments
 from seqmix.mixers.common.norms import GatedRMSNorm
-from seqmix.mixers.common.short_conv import ShortConv, ShortConvCache
-from seqmix.mixers.linear.deltanet import FLA_LINEAR_INIT, l2_normalize, out_proj_init
+from seqmix.mixers.common.short_conv import ShortConvCache
+from seqmix.mixers.linear.deltanet import FLA_LINEAR_INIT, delta_conv_cache, delta_inputs, out_proj_init
 from seqmix.mixers.linear.mamba2 import a_log_init, dt_bias_init
 from seqmix.ops import delta_rule as delta_ops
 from seqmix.parallel import axes
@@ -88,9 +88,8 @@ class GatedDeltaNet(MixerBase):
   def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> GatedDeltaNetCache:
     del max_len
     key_dim, value_dim = self._dims()
-    h, l1 = self.num_heads, self.conv_size - 1
-    conv = ShortConvCache(jnp.zeros((batch_size, l1, 2 * key_dim + value_dim), dtype),
-                          jnp.full((batch_size, l1), -1, jnp.int32))
+    h = self.num_heads
+    conv = delta_conv_cache(batch_size, self.conv_size, key_dim, value_dim, dtype)
     return GatedDeltaNetCache(conv, jnp.zeros((batch_size, h, self.head_dim, value_dim // h),
                                               jnp.float32), jnp.full((batch_size,), -1, jnp.int32))
 
@@ -105,17 +104,11 @@ class GatedDeltaNet(MixerBase):
     x = x.astype(self.dtype)
     dense = lambda f, name: nn.Dense(
         f, name=name, kernel_init=axes.param(FLA_LINEAR_INIT, axes.EMBED, axes.HEADS), **kw)
-    qkv = jnp.concatenate([dense(key_dim, "q_proj")(x), dense(key_dim, "k_proj")(x),
-                           dense(value_dim, "v_proj")(x)], axis=-1)      # [b, t, 2k + v]
-    qkv, conv_cache = ShortConv(
-        2 * key_dim + value_dim, self.conv_size, use_bias=self.conv_bias, activation="silu",
-        impl=self.conv_impl, axis=axes.HEADS, dtype=self.dtype, param_dtype=self.param_dtype,
-        name="conv1d")(qkv, segment_ids=segment_ids, cache=None if cache is None else cache.conv)
-    q, k, v = jnp.split(qkv, [key_dim, 2 * key_dim], axis=-1)
-    q = l2_normalize(q.reshape(b, t, h, -1))                             # [b, t, h, k]
-    k = l2_normalize(k.reshape(b, t, h, -1))
-    v = v.reshape(b, t, h, -1)                                           # [b, t, h, v]
-    beta = jax.nn.sigmoid(dense(h, "b_proj")(x).astype(jnp.float32))    # [b, t, h]
+    q, k, v, beta, conv_cache = delta_inputs(
+        x, key_dim, value_dim, h, conv_size=self.conv_size, conv_bias=self.conv_bias,
+        conv_impl=self.conv_impl, segment_ids=segment_ids,
+        conv_cache=None if cache is None else cache.conv, dtype=self.dtype,
+        param_dtype=self.param_dtype)
 
     a_log = self.param("A_log", axes.param(a_log_init(*self.A_init_range), axes.HEADS), (h,),
                        self.param_dtype)
