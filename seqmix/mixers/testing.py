@@ -76,6 +76,19 @@ def init_params(module, x=None, seed: int = 0, zero_fill_std: float = 0.02):
   return jax.tree.unflatten(tree, out)
 
 
+def oracle_setup(module, t: int = 11, b: int = 2, seed: int = 0, segment_ids=None):
+  """Inputs, params and output of `module` for a float64 oracle to recompute.
+
+  x = random_inputs [b, t, D], params = init_params (zero leaves made random), y = the jitted
+  float32 forward. Returns (x float64, params as float64 numpy, y numpy, params as given).
+  """
+  x = random_inputs(seed, b, t, module.d_model)
+  params = init_params(module, x, seed=seed)
+  y, _ = jax.jit(module.apply)({"params": params}, x, segment_ids=segment_ids)
+  params64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  return np.asarray(x, np.float64), params64, np.asarray(y), params
+
+
 def random_params(module, *inputs, seed: int = 0, std: float = 0.1):
   """Random params of `module`'s shapes without compiling its init (for checks that hold for
   any params): leaves named `scale` (norms) are 1 + N(0, std²), all others N(0, std²)."""

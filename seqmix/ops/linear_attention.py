@@ -43,7 +43,6 @@ Grouped heads (gla): q/k have G heads dividing the H heads of v; value head j = 
 R = H/G uses q/k head g. Internally v, gates and states are viewed as `[..., G, R, ...]`.
 """
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 

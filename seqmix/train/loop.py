@@ -13,7 +13,6 @@ import threading
 from typing import Any, Callable, Iterable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from tqdm import tqdm

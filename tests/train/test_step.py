@@ -1,7 +1,6 @@
 """train_step / eval_step: accumulation, learning, whole-split evaluation."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 

@@ -10,7 +10,7 @@ the paper and fla's `GatedLinearAttention` layer: expand_k 0.5, expand_v 1, outp
 RMSNorm per head (its scale `[V]` shared by the heads), Xavier-uniform projections with gain 2^-2.5.
 """
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax

@@ -42,6 +42,12 @@ class DiagSSMCache(NamedTuple):
 # Validation: errors say which value, what was expected and how to fix it.
 
 
+def empty_diag_cache(batch_size: int, channels: int, d_state: int) -> DiagSSMCache:
+  """A zero DiagSSMCache: d_state/2 complex states (conjugate pairs) per channel, no segment."""
+  return DiagSSMCache(jnp.zeros((batch_size, channels, d_state // 2, 1), jnp.complex64),
+                      jnp.full((batch_size,), -1, jnp.int32))
+
+
 def check_at_least(name: str, value, low: int = 1):
   if not isinstance(value, (int, np.integer)) or value < low:
     raise ValueError(f"{name} must be >= {low}; got {value!r}. Set {name} to an integer >= {low}.")

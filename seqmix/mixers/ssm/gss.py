@@ -68,8 +68,7 @@ class GSS(MixerBase):
   def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> DiagSSMCache:
     del max_len, dtype  # constant-size complex64 state
     _, h = self._dims()
-    return DiagSSMCache(jnp.zeros((batch_size, h, self.d_state // 2, 1), jnp.complex64),
-                        jnp.full((batch_size,), -1, jnp.int32))
+    return _common.empty_diag_cache(batch_size, h, self.d_state)
 
   @nn.compact
   def __call__(self, x, *, segment_ids=None, positions=None, cache=None, deterministic=True):

@@ -26,11 +26,8 @@ SEG = np.array([[0] * 4 + [1] * 7, [5] * 9 + [6] * 2], np.int32)   # two packed 
 
 
 def _run(module, t=11, b=2, seed=0, segment_ids=None):
-  x = mt.random_inputs(seed, b, t, module.d_model)
-  params = mt.init_params(module, x, seed=seed)
-  y, _ = jax.jit(module.apply)({"params": params}, x, segment_ids=segment_ids)
-  as64 = lambda tree: jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
-  return np.asarray(x, np.float64), as64(params), np.asarray(y)
+  """(x, params, y): float64 inputs and params for the oracle, the mixer's float32 output."""
+  return mt.oracle_setup(module, t, b, seed, segment_ids)[:3]
 
 
 def _init(module, d, seed=0):

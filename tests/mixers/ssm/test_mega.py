@@ -5,7 +5,6 @@ decoding, prefill, segments and gradients are the shared protocol tests.)"""
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
