@@ -79,6 +79,21 @@ def test_hybrid_pattern_decode_matches_parallel(mixer, toy_registered):
   assert_rel_close(_decode(model, params, tokens, [3, 1, 5]), logits, RTOL["float32"], "hybrid")
 
 
+@pytest.mark.parametrize("pattern", ["griffin", "xlstm"])
+def test_registered_pattern_decode_matches_parallel(pattern):
+  """A registered layer pattern over its full length: decoding == the parallel forward."""
+  if pattern not in registry.names():
+    pytest.skip(f"{pattern} not registered")
+  members = registry.get(pattern).pattern
+  kwargs = {m: dict(registry.get(m).test_kwargs) for m in set(members)}
+  model = lm.LanguageModel(vocab_size=V, d_model=D, n_layers=len(members), mixer=pattern,
+                           mixer_kwargs=kwargs)
+  assert model.layer_mixers() == list(members)
+  params, tokens = _params(model), _tokens()
+  logits, _ = _fwd(model)(params, tokens)
+  assert_rel_close(_decode(model, params, tokens, [4, 1, 4]), logits, RTOL["float32"], pattern)
+
+
 def test_scan_layers_matches_unscanned(mixer):
   """Same params (stacked on a layer axis) -> same logits, also when decoding."""
   plain, scanned = _model(mixer), _model(mixer, scan_layers=True)
