@@ -168,13 +168,16 @@ def _initial_state(op, h0, b, h, kd, vd):
 
 
 def _gla_gate(g, b, t, h, kd):
-  """None | [H] | [B,T,H] | [B,T,H,K] -> None | [B,T,H] | [B,T,H,K] float32, clamped."""
+  """None | [H] | [B,T,H] | [B,T,H,K] -> None | [1,T,H] | [B,T,H] | [B,T,H,K] float32, clamped."""
   if g is None:
     return None
   # float32 before broadcasting: the gradient of a fixed gate sums B·T cotangents.
   g = jnp.asarray(g).astype(_F32)
   if g.shape == (h,):
-    g = jnp.broadcast_to(g, (b, t, h))
+    # [1, T, H], broadcast against the batch later: a fixed gate is often a compile-time
+    # constant, and XLA constant-folds the gate sums at whatever size they are given (at B=500
+    # that took seconds of compile time).
+    g = jnp.broadcast_to(g, (1, t, h))
   elif g.shape not in ((b, t, h), (b, t, h, kd)):
     raise ValueError(f"gla: g must be None, [H] = {(h,)}, [B, T, H] = {(b, t, h)} or "
                      f"[B, T, H, K] = {(b, t, h, kd)}; got {g.shape=}.")
