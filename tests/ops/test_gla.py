@@ -71,7 +71,18 @@ def _check(kind, strength, t, k_dim, chunk_size, dtype, with_h0, groups=H, seed=
   rtol = RTOL[jnp.dtype(dtype).name]
   assert out[0].dtype == args[2].dtype and out[1].dtype == jnp.float32
   assert_trees_rel_close(out, ref_out, rtol, "outputs")
-  assert_trees_rel_close(grads, ref_grads, rtol, "grads")
+  if kind != "fixed":
+    assert_trees_rel_close(grads, ref_grads, rtol, "grads")
+    return
+  # A fixed [H] gate's gradient is a sum of B·T per-token terms, each known to `rtol` of the
+  # per-token scale; where those terms cancel, the sum is only known to rtol · ‖terms‖ / ‖sum‖.
+  # The per-token terms are the oracle's gradient of the same gate given as [B, T, H].
+  per_token = list(map(f32, args))
+  per_token[3] = jnp.broadcast_to(per_token[3], (B, t, H))
+  _, (_, _, _, terms, _) = _run(tuple(per_token), tuple(map(f32, cts)), "reference", chunk_size)
+  cancel = float(jnp.linalg.norm(terms) / jnp.maximum(jnp.linalg.norm(ref_grads[3]), 1e-30))
+  assert_trees_rel_close(grads[:3] + grads[4:], ref_grads[:3] + ref_grads[4:], rtol, "grads")
+  assert_rel_close(grads[3], ref_grads[3], rtol * max(1.0, cancel), "grads[g]")
 
 
 # The default run samples the grid so that every value of every axis appears at least once:
