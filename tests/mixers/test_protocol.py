@@ -65,8 +65,20 @@ def test_grads_finite(name):
   mt.check_finite_grads(module, params, _x(3))
 
 
+# Known failures of the lag-2 copy test (README, mixer table): strict, so a fix shows up.
+LEARNING_KNOWN_FAILURES = {
+    "retnet": "reaches 0.848 after 300 steps (cause not yet known)",
+    "lightning": "reaches 0.540: its relative position encoding (LRPE) is not built",
+}
+
+
 def _learning_params():
-  return [n if n in LEARNING_SAMPLE else pytest.param(n, marks=pytest.mark.slow) for n in MIXERS]
+  def marks(n):
+    out = [] if n in LEARNING_SAMPLE else [pytest.mark.slow]
+    if n in LEARNING_KNOWN_FAILURES:
+      out.append(pytest.mark.xfail(strict=True, reason=LEARNING_KNOWN_FAILURES[n]))
+    return out
+  return [pytest.param(n, marks=marks(n)) for n in MIXERS]
 
 
 @pytest.mark.parametrize("name", _learning_params())
