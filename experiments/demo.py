@@ -2,9 +2,9 @@
 
   python -m experiments.demo
 
-Runs on a CPU in about six minutes (2 cores). For each mixer in DEMO_MIXERS that is registered (others
-are skipped with a note) it trains a 2-layer model on MQAR (T=64, 4 key-value pairs,
-vocabulary 256), prints the validation accuracy per mixer and saves a bar plot to
+Runs on a CPU in about six minutes (2 cores). For each mixer in DEMO_MIXERS that is
+registered (others are skipped with a note) it trains a 2-layer model on MQAR (T=64, 4
+key-value pairs, vocabulary 256), prints the validation accuracy per mixer and saves a bar plot to
 out/demo/mqar_accuracy.png. Then, if the tinyshakespeare corpus is on this machine
 ($SEQMIX_DATA_DIR or the user cache; nothing is downloaded), it trains a small char-level
 model briefly and prints a sample.
@@ -67,9 +67,9 @@ def run_mqar() -> dict[str, float]:
 
 
 def print_table(results: dict[str, float]) -> None:
-  print("\nMQAR (T=64, 4 pairs, V=256, d_model 64, 800 steps on this machine), validation accuracy "
-        "over the scored positions.\nA small, equal budget: it shows how fast each mixer learns "
-        "recall, not where it ends (README: MQAR on an H100).")
+  print("\nMQAR (T=64, 4 pairs, V=256, d_model 64, 800 steps on this machine), validation "
+        "accuracy over the scored positions.\nA small, equal budget: it shows how fast each "
+        "mixer learns recall, not where it ends (README: MQAR on an H100).")
   print(f"{'mixer':<12} accuracy")
   for mixer, acc in results.items():
     print(f"{mixer:<12} {acc:.3f}")

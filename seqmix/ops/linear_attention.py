@@ -168,7 +168,7 @@ def _initial_state(op, h0, b, h, kd, vd):
 
 
 def _gla_gate(g, b, t, h, kd):
-  """None | [H] | [B,T,H] | [B,T,H,K] -> None | [1,T,H] | [B,T,H] | [B,T,H,K] float32, clamped."""
+  """None | [H] | [B,T,H] | [B,T,H,K] -> None | [1,T,H] | [B,T,H] | [B,T,H,K], float32, clamped."""
   if g is None:
     return None
   # float32 before broadcasting: the gradient of a fixed gate sums B·T cotangents.

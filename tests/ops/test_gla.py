@@ -74,8 +74,8 @@ def _check(kind, strength, t, k_dim, chunk_size, dtype, with_h0, groups=H, seed=
   if kind != "fixed":
     assert_trees_rel_close(grads, ref_grads, rtol, "grads")
     return
-  # A fixed [H] gate's gradient is a sum of B·T per-token terms, each known to `rtol` of the
-  # per-token scale; where those terms cancel, the sum is only known to rtol · ‖terms‖ / ‖sum‖.
+  # A fixed [H] gate's gradient is a sum of B·T per-token terms, each known to `rtol` of
+  # the per-token scale; where the terms cancel, the sum is known to rtol · ‖terms‖ / ‖sum‖.
   # The per-token terms are the oracle's gradient of the same gate given as [B, T, H].
   per_token = list(map(f32, args))
   per_token[3] = jnp.broadcast_to(per_token[3], (B, t, H))

@@ -26,7 +26,8 @@ from seqmix.mixers.base import MixerBase
 from seqmix.mixers.common import segments
 from seqmix.mixers.common.norms import GatedRMSNorm
 from seqmix.mixers.common.short_conv import ShortConvCache
-from seqmix.mixers.linear.deltanet import FLA_LINEAR_INIT, delta_conv_cache, delta_inputs, out_proj_init
+from seqmix.mixers.linear.deltanet import (FLA_LINEAR_INIT, delta_conv_cache, delta_inputs,
+                                           out_proj_init)
 from seqmix.mixers.linear.mamba2 import a_log_init, dt_bias_init
 from seqmix.ops import delta_rule as delta_ops
 from seqmix.parallel import axes
