@@ -15,8 +15,6 @@ projections N(0, 0.02²), W_o as DeltaNet's.
 Packed documents: g = −inf at a document's first token; the short conv masks across documents.
 """
 
-from typing import NamedTuple
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -25,18 +23,16 @@ from seqmix import registry
 from seqmix.mixers.base import MixerBase
 from seqmix.mixers.common import segments
 from seqmix.mixers.common.norms import GatedRMSNorm
-from seqmix.mixers.common.short_conv import ShortConvCache
-from seqmix.mixers.linear.deltanet import (FLA_LINEAR_INIT, delta_conv_cache, delta_inputs,
-                                           out_proj_init)
+from seqmix.mixers.linear.deltanet import (FLA_LINEAR_INIT, DeltaNetCache, delta_conv_cache,
+                                           delta_inputs, out_proj_init)
 from seqmix.mixers.linear.mamba2 import a_log_init, dt_bias_init
 from seqmix.ops import delta_rule as delta_ops
 from seqmix.parallel import axes
 
 
-class GatedDeltaNetCache(NamedTuple):
-  conv: ShortConvCache  # the short conv's last L−1 inputs over [q, k, v]
-  state: jax.Array      # [B, H, K, V] float32 fast weights
-  seg: jax.Array        # [B] int32 segment id of the last token seen
+# The same decoding state as DeltaNet's: (short-conv cache, [B, H, K, V] fast weights, last
+# segment id).
+GatedDeltaNetCache = DeltaNetCache
 
 
 @registry.register(
