@@ -27,6 +27,25 @@ PARTS = {
 }
 
 
+def ceilings():
+  """Measured copy bandwidth (bytes read + written per second) and bf16 matmul rate."""
+  import jax
+  import jax.numpy as jnp
+  from experiments.bench import _timing
+  x = jax.random.normal(jax.random.PRNGKey(0), (1 << 28,), jnp.float32)  # 1 GiB
+  copy = jax.jit(lambda x: x * 1.0001)
+  ms = _timing.median_ms(copy, x, reps=20)
+  bw = 2 * x.nbytes / (ms / 1e3)
+  n = 8192
+  a = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.bfloat16)
+  mm = jax.jit(lambda a: a @ a)
+  mm_ms = _timing.median_ms(mm, a, reps=20)
+  tf = 2 * n**3 / (mm_ms / 1e3) / 1e12
+  print(f"ceilings on {jax.devices()[0].device_kind}: copy {bw / 1e12:.2f} TB/s (read+write), "
+        f"bf16 {n}^3 matmul {tf:.0f} TFLOP/s", flush=True)
+  del x, a
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser()
   ap.add_argument("--only", default=",".join(PARTS), help="comma-separated parts")
@@ -38,6 +57,10 @@ def main(argv=None):
   if unknown:
     raise SystemExit(f"unknown part(s) {unknown}; choose from {list(PARTS)}")
   out_dir = os.environ.get("OUT")
+  try:
+    ceilings()
+  except Exception as e:  # pylint: disable=broad-except
+    print(f"ceilings: {type(e).__name__}: {e}", flush=True)
   for part in parts:
     t0 = time.time()
     print(f"\n===== {part} ({PARTS[part]}) =====", flush=True)
