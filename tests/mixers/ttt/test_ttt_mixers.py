@@ -128,7 +128,16 @@ def test_ttt_mlp_equals_primal_oracle():
   """T = 18 with mini-batches of 4: four full mini-batches, the last one cut at 2 tokens."""
   mb, h = 4, 2
   m = ttt_mlp.TTTMLP(d_model=D, num_heads=h, mini_batch=mb)
-  x, p, y, _ = mt.oracle_setup(m, t=18)
+  x = mt.random_inputs(0, 2, 18, D)
+  params = mt.init_params(m, x)
+  # At init (std 0.02) the inner pre-activations k W1 are ~1e-2, where tanh-gelu is linear to
+  # ~1e-6 relative: the gelu (and its derivative in the dual form) would go unchecked. The q/k/v
+  # projections and the initial W1 ×10 put them at O(1), as in a trained layer.
+  params = {**params, **{n: {"kernel": 10 * params[n]["kernel"]}
+                         for n in ("q_proj", "k_proj", "v_proj")}, "W1": 10 * params["W1"]}
+  y = np.asarray(jax.jit(m.apply)({"params": params}, x)[0])
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  x = np.asarray(x, np.float64)
   b, t, _ = x.shape
   kd = D // h
   heads = lambda a: a.reshape(b, t, h, kd)
@@ -137,6 +146,7 @@ def test_ttt_mlp_equals_primal_oracle():
   q, k = _rope_rotate_half(q, pos), _rope_rotate_half(k, pos)
   eta = 0.1 / (1.0 + np.exp(-(x @ p["ttt_lr_weight"].T + p["ttt_lr_bias"]))) / kd  # [b, t, h]
   tau = np.maximum(1.0 / np.arange(1, mb + 1) + p["learnable_token_idx"], 0.0)
+  assert np.abs(np.einsum("bthk,hkm->bthm", k, p["W1"])).max() > 1   # gelu's curved range
 
   def layer(eta):
     o = np.zeros((b, t, h, kd))
