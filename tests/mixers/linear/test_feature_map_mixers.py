@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from seqmix.mixers import testing as mt
-from seqmix.mixers.attention.mha import MHA
 from seqmix.mixers.common import feature_maps as fm
 from seqmix.mixers.linear import based, cosformer, hedgehog, performer, rebased
 from seqmix.testing import RTOL, assert_rel_close
@@ -122,15 +121,42 @@ def test_favor_query_stabiliser_cancels_in_the_ratio():
 # Mixers against direct formulas.
 
 
+def _window_attention64(x, p, num_heads, window, base=10000.0):
+  """Sliding-window causal softmax attention with full rotate-half RoPE, float64.
+
+  x [B,T,D], p: q/k/v/o projections -> [B,T,D]; token t sees tokens t−W < s <= t.
+  """
+  t = x.shape[1]
+  q, k, v = _proj(x, p["q_proj"]), _proj(x, p["k_proj"]), _proj(x, p["v_proj"])  # [b,t,h,dh]
+  dh = q.shape[-1]
+  ang = np.arange(t)[:, None] * base ** (-np.arange(0, dh, 2) / dh)   # [t, dh/2]
+  cos, sin = np.cos(ang)[None, :, None], np.sin(ang)[None, :, None]
+  rot = lambda a: np.concatenate([a[..., :dh // 2] * cos - a[..., dh // 2:] * sin,
+                                  a[..., dh // 2:] * cos + a[..., :dh // 2] * sin], -1)
+  logits = np.einsum("bthk,bshk->bhts", rot(q), rot(k)) / math.sqrt(dh)
+  lag = np.arange(t)[:, None] - np.arange(t)[None, :]
+  logits = np.where((lag >= 0) & (lag < window), logits, -np.inf)
+  w = np.exp(logits - logits.max(-1, keepdims=True))
+  o = np.einsum("bhts,bshk->bthk", w / w.sum(-1, keepdims=True), v)
+  return _out(o, p["o_proj"])
+
+
 def test_based_matches_taylor_kernel_plus_window_attention():
-  m = based.Based(d_model=D, num_heads=2, feature_dim=4, window=3)
-  x, p, y, p32 = _setup(m)
+  """Both branches from the formulas (T = 20 spans several windows of 3). The linear branch's
+  output projection starts 0.02/√2-small (its share of y is ~1%), so each branch is also
+  checked alone, with the other's output projection zeroed."""
+  m = based.Based(d_model=D, num_heads=2, feature_dim=4, window=3, chunk_size=8)
+  x, p, y, p32 = _setup(m, t=20)
   q, k, v = _proj(x, p["q_proj"]), _proj(x, p["k_proj"]), _proj(x, p["v_proj"])
   s = np.einsum("bthf,bshf->bhts", q, k) / math.sqrt(4)             # q·k/√F  [b, h, t, s]
   lin = _out(_normalised(1 + s + s * s / 2, v, m.eps), p["o_proj"])
-  swa = MHA(d_model=D, num_heads=2, window=3, position="rope")
-  y_swa, _ = swa.apply({"params": p32["window_attn"]}, jnp.asarray(x, jnp.float32))
-  assert_rel_close(y, lin + np.asarray(y_swa, np.float64), TOL)
+  swa = _window_attention64(x, p["window_attn"], 2, 3)
+  assert_rel_close(y, lin + swa, TOL, "based")
+  apply = jax.jit(lambda p_: m.apply({"params": p_}, jnp.asarray(x, jnp.float32))[0])
+  zero_out = lambda tree: {**tree, "o_proj": {"kernel": jnp.zeros_like(tree["o_proj"]["kernel"])}}
+  assert_rel_close(apply({**p32, "window_attn": zero_out(p32["window_attn"])}), lin, TOL,
+                   "based linear branch")
+  assert_rel_close(apply(zero_out(p32)), swa, TOL, "based window branch")
 
 
 def test_rebased_matches_squared_normalised_kernel():

@@ -3,7 +3,7 @@
 The protocol (causality, decoding, prefill, segments, gradients, lag-2 copy) is checked for every
 registered mixer by tests/mixers/test_protocol.py. Here each mixer's output is recomputed from its
 parameters with an independent plain formula (numpy quadratic forms, a complex scan for GateLoop,
-`ops.ssm.selective_scan` for Mamba2) in float64, at small shapes.
+the SSD recurrence token by token for Mamba2) in float64, at small shapes, without seqmix ops.
 """
 
 import math
@@ -17,8 +17,6 @@ import pytest
 from seqmix.mixers import testing as mt
 from seqmix.mixers.common.lowrank import LowRank
 from seqmix.mixers.linear import gateloop, gla, hgrn2, lightning, linear_transformer, mamba2, retnet
-from seqmix.ops import conv as conv_ops
-from seqmix.ops import ssm as ssm_ops
 from seqmix.testing import RTOL, assert_rel_close
 
 D = mt.D_MODEL
@@ -174,28 +172,41 @@ def test_mamba2_init_ranges():
   np.testing.assert_array_equal(np.asarray(p["D"]), 1.0)
 
 
-def test_mamba2_ssd_through_gla_equals_selective_scan():
-  """SSD mapped onto gla (q=C, k=B, v=x·Δ, g=A·Δ) equals Mamba's selective scan with A, Δ per head."""
-  m = mamba2.Mamba2(d_model=D, d_state=16, headdim=16, chunk_size=4)
-  x, p, y = _setup(m)
+@pytest.mark.parametrize("ngroups", [1, 2])
+def test_mamba2_equals_ssd_recurrence(ngroups):
+  """The whole layer in float64 numpy, the SSD recurrence token by token per head:
+  h_t = exp(Δ_t A) h_{t−1} + Δ_t B_tᵀ x_t, y_t = C_t h_t + D x_t, with heads [g·H/G, (g+1)·H/G)
+  reading B/C group g and the gated RMSNorm over each group's d_inner/G channels. T = 20
+  crosses chunks of 8."""
+  h, pd, n = 4, 16, 8                                                 # d_inner = 2·D = H·P
+  m = mamba2.Mamba2(d_model=D, d_state=n, headdim=pd, ngroups=ngroups, chunk_size=8)
+  x, p, y = _setup(m, t=20)
   b, t, _ = x.shape
-  d_inner, h, n = 2 * D, 4, 16
-  z, xbc, dt = np.split(x @ p["in_proj"]["kernel"], [d_inner, 2 * d_inner + 2 * n], axis=-1)
-  xbc = np.asarray(conv_ops.causal_conv(jnp.asarray(xbc), jnp.asarray(p["conv1d"]["kernel"]),
-                                        impl="reference")[0], np.float64)
-  xbc = _silu(xbc + p["conv1d"]["bias"])
-  xs, bm, cm = np.split(xbc, [d_inner, d_inner + n], axis=-1)
-  per_channel = lambda a: np.repeat(a, 16, axis=-1)                   # head -> its 16 channels
-  yss, _ = ssm_ops.selective_scan(
-      jnp.asarray(xs, jnp.float32), jnp.asarray(per_channel(dt), jnp.float32),
-      jnp.asarray(np.repeat(-np.exp(per_channel(p["A_log"]))[:, None], n, 1), jnp.float32),
-      jnp.asarray(bm, jnp.float32), jnp.asarray(cm, jnp.float32),
-      jnp.asarray(per_channel(p["D"]), jnp.float32),
-      delta_bias=jnp.asarray(per_channel(p["dt_bias"]), jnp.float32), delta_softplus=True,
-      impl="reference")
-  o = _rms(np.asarray(yss, np.float64) * _silu(z), m.norm_eps) * p["norm"]["scale"]
-  assert h == d_inner // m.headdim
-  assert_rel_close(y, o @ p["out_proj"]["kernel"], TOL, "mamba2 vs selective_scan")
+  d_inner, gn = h * pd, ngroups * n
+  zxbcdt = x @ p["in_proj"]["kernel"]
+  z, xbc, dt = np.split(zxbcdt, [d_inner, 2 * d_inner + 2 * gn], axis=-1)
+  assert dt.shape[-1] == h
+  ker = p["conv1d"]["kernel"]                                         # [L, C]: ker[0] on u_t
+  xbc_pad = np.pad(xbc, ((0, 0), (ker.shape[0] - 1, 0), (0, 0)))
+  conv = np.stack([sum(ker[s] * xbc_pad[:, i + ker.shape[0] - 1 - s]
+                       for s in range(ker.shape[0])) for i in range(t)], 1)
+  xbc = _silu(conv + p["conv1d"]["bias"])
+  xs, bm, cm = np.split(xbc, [d_inner, d_inner + gn], axis=-1)
+  xs = xs.reshape(b, t, h, pd)
+  bm, cm = bm.reshape(b, t, ngroups, n), cm.reshape(b, t, ngroups, n)
+  delta = np.logaddexp(0.0, dt + p["dt_bias"])                        # softplus  [b, t, h]
+  a = -np.exp(p["A_log"])                                             # [h]
+  out = np.zeros((b, t, h, pd))
+  for hi in range(h):
+    gi = hi // (h // ngroups)
+    state = np.zeros((b, n, pd))
+    for i in range(t):
+      state = (np.exp(delta[:, i, hi] * a[hi])[:, None, None] * state
+               + delta[:, i, hi, None, None] * bm[:, i, gi, :, None] * xs[:, i, hi, None, :])
+      out[:, i, hi] = np.einsum("bn,bnp->bp", cm[:, i, gi], state) + p["D"][hi] * xs[:, i, hi]
+  gated = (out.reshape(b, t, d_inner) * _silu(z)).reshape(b, t, ngroups, -1)
+  normed = _rms(gated, m.norm_eps).reshape(b, t, d_inner) * p["norm"]["scale"]
+  assert_rel_close(y, normed @ p["out_proj"]["kernel"], TOL, f"mamba2 G={ngroups} vs SSD")
 
 
 # HGRN2.

@@ -1,9 +1,10 @@
-"""TTT-Linear / TTT-MLP layers: a float64 primal oracle of the whole layer, init, config errors.
+"""TTT-Linear / TTT-MLP layers: float64 primal oracles of the whole layers, init, config errors.
 
 The protocol (causality, decoding at every length, split prefill, documents, gradients) runs for
 both through tests/mixers/test_protocol.py (test_kwargs mini_batch=4 with T=13, so mini-batches
-end mid-call and mid-document). Here TTT-Linear's output is recomputed token by token in numpy
-float64 from its parameters: the inner gradient of ½‖LN(k W + b) − (v − k)‖² written out, the
+end mid-call and mid-document). Here TTT-Linear's and TTT-MLP's outputs are recomputed token by
+token in numpy float64 from their parameters: the inner gradient of ½‖LN(f_res(k)) − (v − k)‖²
+written out (for the MLP, back-propagated by hand through LN, W2, tanh-gelu and W1), the
 mini-batch rule (gradients at the boundary weights, running τ-weighted sums), RoPE at the
 position inside the mini-batch, post-norm and output projection.
 """
@@ -83,6 +84,85 @@ def test_ttt_linear_equals_primal_oracle():
                                    p["ttt_norm_bias"][hi], mb)
   o = _ln(o.reshape(b, t, D), 1e-6)[0] * p["post_norm"]["scale"] + p["post_norm"]["bias"]
   assert_rel_close(y, o @ p["o_proj"]["kernel"], TOL, "ttt_linear vs primal oracle")
+
+
+def _gelu_tanh(x):
+  return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def _gelu_tanh_grad(x):
+  c = np.sqrt(2.0 / np.pi)
+  th = np.tanh(c * (x + 0.044715 * x ** 3))
+  return 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * c * (1.0 + 3 * 0.044715 * x * x)
+
+
+def _inner_mlp(q, k, v, eta, tau, theta0, gamma, beta, mb):
+  """One head, primal, TTT-MLP: f_res(x) = gelu(x W1 + b1) W2 + b2; q, k, v [T, K] -> [T, K].
+
+  Each token's gradient of ½‖LN(f_res(k_t)) − (v_t − k_t)‖² at the boundary weights θ₀ is
+  back-propagated by hand (LN, W2, gelu, W1); θ_t = θ₀ − τ_j Σ_{s<=t in the mini-batch} η_s ∇_s.
+  """
+  theta = [a.copy() for a in theta0]                              # W1 [K,M], b1 [M], W2, b2
+  pending = [np.zeros_like(a) for a in theta]
+  f_res = lambda x, th: _gelu_tanh(x @ th[0] + th[1]) @ th[2] + th[3]
+  out = np.zeros_like(q)
+  for t in range(q.shape[0]):
+    j = t % mb
+    w1, b1, w2, b2 = theta
+    z1 = k[t] @ w1 + b1
+    a1 = _gelu_tanh(z1)
+    xh, std = _ln(a1 @ w2 + b2, ttt_ops.LN_EPS)
+    gy = (gamma * xh + beta - (v[t] - k[t])) * gamma
+    dz2 = (gy - gy.mean() - xh * (gy * xh).mean()) / std
+    dz1 = (w2 @ dz2) * _gelu_tanh_grad(z1)
+    grads = (np.outer(k[t], dz1), dz1, np.outer(a1, dz2), dz2)
+    pending = [s + eta[t] * g for s, g in zip(pending, grads)]
+    theta_t = [a - tau[j] * s for a, s in zip(theta, pending)]
+    out[t] = q[t] + gamma * _ln(f_res(q[t], theta_t), ttt_ops.LN_EPS)[0] + beta
+    if j == mb - 1:
+      theta, pending = theta_t, [np.zeros_like(a) for a in theta]
+  return out
+
+
+def test_ttt_mlp_equals_primal_oracle():
+  """T = 18 with mini-batches of 4: four full mini-batches, the last one cut at 2 tokens."""
+  mb, h = 4, 2
+  m = ttt_mlp.TTTMLP(d_model=D, num_heads=h, mini_batch=mb)
+  x = mt.random_inputs(0, 2, 18, D)
+  params = mt.init_params(m, x)
+  # At init (std 0.02) the inner pre-activations k W1 are ~1e-2, where tanh-gelu is linear to
+  # ~1e-6 relative: the gelu (and its derivative in the dual form) would go unchecked. The q/k/v
+  # projections and the initial W1 ×10 put them at O(1), as in a trained layer.
+  params = {**params, **{n: {"kernel": 10 * params[n]["kernel"]}
+                         for n in ("q_proj", "k_proj", "v_proj")}, "W1": 10 * params["W1"]}
+  y = np.asarray(jax.jit(m.apply)({"params": params}, x)[0])
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  x = np.asarray(x, np.float64)
+  b, t, _ = x.shape
+  kd = D // h
+  heads = lambda a: a.reshape(b, t, h, kd)
+  q, k, v = (heads(x @ p[n]["kernel"]) for n in ("q_proj", "k_proj", "v_proj"))
+  pos = np.arange(t) % mb
+  q, k = _rope_rotate_half(q, pos), _rope_rotate_half(k, pos)
+  eta = 0.1 / (1.0 + np.exp(-(x @ p["ttt_lr_weight"].T + p["ttt_lr_bias"]))) / kd  # [b, t, h]
+  tau = np.maximum(1.0 / np.arange(1, mb + 1) + p["learnable_token_idx"], 0.0)
+  assert np.abs(np.einsum("bthk,hkm->bthm", k, p["W1"])).max() > 1   # gelu's curved range
+
+  def layer(eta):
+    o = np.zeros((b, t, h, kd))
+    for bi in range(b):
+      for hi in range(h):
+        theta0 = (p["W1"][hi], p["b1"][hi, 0], p["W2"][hi], p["b2"][hi, 0])
+        o[bi, :, hi] = _inner_mlp(q[bi, :, hi], k[bi, :, hi], v[bi, :, hi], eta[bi, :, hi], tau,
+                                  theta0, p["ttt_norm_weight"][hi], p["ttt_norm_bias"][hi], mb)
+    o = _ln(o.reshape(b, t, D), 1e-6)[0] * p["post_norm"]["scale"] + p["post_norm"]["bias"]
+    return o @ p["o_proj"]["kernel"]
+
+  assert_rel_close(y, layer(eta), TOL, "ttt_mlp vs primal oracle")
+  # The inner learning moves the output far beyond the tolerance, so a wrong inner gradient,
+  # learning rate or mini-batch rule cannot pass.
+  frozen = layer(np.zeros_like(eta))
+  assert np.linalg.norm(y - frozen) > 1e3 * TOL * np.linalg.norm(frozen)
 
 
 def _init(module):
