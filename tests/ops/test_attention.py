@@ -196,6 +196,7 @@ def test_impl_matches_reference_full_grid(impl, case, dtype, d, block, monkeypat
 
 def test_default_grid_covers_every_axis_value():
   """The sampled default rows name every case, head dim, block and dtype at least once."""
+  assert any(r[0] == "cudnn" for r in DEFAULT) == ON_GPU   # cuDNN rows exactly on the GPU
   rows = [r for r in DEFAULT if r[0] != "cudnn"]
   assert {r[1] for r in rows} == set(CASES)
   assert {r[3] for r in rows} == set(HEAD_DIMS)
