@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # 2 workers fit CI's 2 cores; `make test PYTEST_WORKERS=0` runs serially.
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test test-full bench venv clean
+.PHONY: demo test test-full test-gpu bench venv clean
 
 venv: $(STAMP)
 
@@ -34,6 +34,22 @@ test: $(STAMP)
 
 test-full: $(STAMP)
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --durations=40 $(PYTEST_ARGS) tests
+
+# On the GPU machine: the op tests (and tests/kernels_pallas once it exists) with the GPU impls
+# (cuDNN attention, the associative scan, auto's GPU choices). Uses $(PYTHON_GPU) as it is: the
+# device has jax[cuda], flax, chex, absl and pytest but no package registry, so no venv and no
+# pip here. JAX_PLATFORMS=cuda overrides tests/conftest.py's CPU default (which then pins
+# float32 matmuls to full precision); then experiments.bench.device_check (default precision,
+# PASS/FAIL per row). Both run even if the first fails; the target fails if either does.
+PYTHON_GPU ?= python3
+GPU_TESTS := tests/ops $(wildcard tests/kernels_pallas)
+GPU_MARKS ?= not slow
+test-gpu:
+	@rc=0; \
+	JAX_PLATFORMS=cuda PYTHONPATH=. $(PYTHON_GPU) -m pytest -p no:cacheprovider -m "$(GPU_MARKS)" \
+	  --durations=15 $(PYTEST_ARGS) $(GPU_TESTS) || rc=1; \
+	JAX_PLATFORMS=cuda PYTHONPATH=. $(PYTHON_GPU) -m experiments.bench.device_check || rc=1; \
+	exit $$rc
 
 # On the accelerator: fast forms vs reference there, the scan benchmark, the step benchmark.
 bench: $(STAMP)

@@ -80,7 +80,7 @@ def attention(q, k, v, *, causal=True, scale=None, window=None, segment_ids=None
     dropout = (float(dropout_rate), dropout_rng)
     auto_choice = {"default": "reference"}
   else:
-    auto_choice = _attention_auto(q, k, v, q_offset)
+    auto_choice = _attention_auto(q, k, v, q_offset, spec)
   impl = _impl.resolve("attention", impl, _ATTENTION_IMPLS, auto_choice)
   if dropout is not None and impl != "reference":
     raise ValueError(f"attention impl={impl!r} has no attention dropout; use impl='reference' "
@@ -331,8 +331,12 @@ def _xla(q, k, v, spec):
   return _zero_empty_rows(o, mask)
 
 
-def _cudnn_unsupported(q, k, v):
-  """Why cuDNN flash attention cannot run these arguments ("" when it can)."""
+def _cudnn_unsupported(q, k, v, masked=False):
+  """Why cuDNN flash attention cannot run these arguments ("" when it can).
+
+  masked: a bias or a dense [T, S] mask goes to cuDNN (see `_cudnn`); its training kernels
+  then need even T and S (jax raises NotImplementedError in the backward pass otherwise).
+  """
   if _impl.platform() != "gpu":
     return (f"impl='cudnn' needs a GPU (jax.default_backend() is {_impl.platform()!r}); use "
             "impl='xla', 'chunked' or 'auto' here.")
@@ -342,16 +346,25 @@ def _cudnn_unsupported(q, k, v):
   if q.shape[-1] != v.shape[-1] or q.shape[-1] > 128 or q.shape[-1] % 8:
     return (f"impl='cudnn' needs K == V, a multiple of 8 and <= 128; got K={q.shape[-1]}, "
             f"V={v.shape[-1]}. Use impl='xla' or 'chunked'.")
+  t, s = q.shape[1], k.shape[1]
+  if masked and (t % 2 or s % 2):
+    return (f"impl='cudnn' with a bias, segment ids, q_offset or T != S needs even T and S "
+            f"(cuDNN's backward pass); got T={t}, S={s}. Pad, or use impl='xla' or 'chunked'.")
   return ""
 
 
+def _cudnn_aligned(spec, q_offset):
+  """True when the mask is cuDNN's own causal (+ window) pattern (no [T, S] mask built)."""
+  return q_offset is None and spec.tq == spec.tk and spec.q_ids is None
+
+
 def _cudnn(q, k, v, spec, q_offset):
-  why = _cudnn_unsupported(q, k, v)
+  aligned = _cudnn_aligned(spec, q_offset)
+  why = _cudnn_unsupported(q, k, v, masked=spec.bias is not None or not aligned)
   if why:
     raise RuntimeError(f"attention: {why}")
   # cuDNN adds the bias in the input dtype (its kernels take a bf16/fp16 bias).
   bias = None if spec.bias is None else spec.bias.astype(q.dtype)
-  aligned = q_offset is None and spec.tq == spec.tk and spec.q_ids is None
   if aligned:
     # The plain causal (+ window) pattern maps onto cuDNN's own masks: no [T, S] mask built.
     window = None if spec.window is None else (spec.window - 1, 0)
@@ -364,11 +377,13 @@ def _cudnn(q, k, v, spec, q_offset):
   return _zero_empty_rows(o, mask)
 
 
-def _attention_auto(q, k, v, q_offset):
+def _attention_auto(q, k, v, q_offset, spec):
   """`auto` per platform: cuDNN on GPU when it supports the arguments, else XLA."""
   same = q.dtype == k.dtype == v.dtype
   fallback = "xla" if same else "chunked"
   gpu = fallback
-  if _impl.platform() == "gpu" and not _cudnn_unsupported(q, k, v) and q_offset is None:
+  masked = spec.bias is not None or not _cudnn_aligned(spec, q_offset)
+  if (_impl.platform() == "gpu" and q_offset is None
+      and not _cudnn_unsupported(q, k, v, masked=masked)):
     gpu = "cudnn"
   return {"gpu": gpu, "cpu": "xla" if same else "reference", "default": fallback}

@@ -1,13 +1,11 @@
 """Corpus lookup order, verified download (mocked), split sizes."""
 
 import hashlib
-import pathlib
 
 import pytest
 
 from seqmix.data import corpora, tokenizers
 
-SHARED = pathlib.Path("/work/shared/data/tinyshakespeare.txt")
 FAKE_TEXT = b"First Citizen:\nBefore we proceed any further, hear me speak.\n"
 
 
@@ -111,9 +109,8 @@ def test_split_is_first_90_percent():
   assert train == list(range(90)) and val == list(range(90, 101))
 
 
-@pytest.mark.skipif(not SHARED.is_file(), reason="shared tinyshakespeare copy not present")
-def test_real_tinyshakespeare(monkeypatch):
-  monkeypatch.setenv(corpora.DATA_DIR_ENV, str(SHARED.parent))
+def test_real_tinyshakespeare(tinyshakespeare_path):
+  # The fixture finds the corpus through $SEQMIX_DATA_DIR; fails instead of skipping in CI.
   text = corpora.load_corpus("tinyshakespeare", download=False)
   assert len(text) == 1_115_394
   tok = tokenizers.CharTokenizer.from_text(text)

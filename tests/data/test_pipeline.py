@@ -1,6 +1,5 @@
 """make_datasets: each source end to end, and the messages for bad data configs."""
 
-import pathlib
 import urllib.error
 
 import ml_collections
@@ -9,7 +8,6 @@ import pytest
 
 from seqmix.data import corpora, pipeline, token_store, tokenizers
 
-SHARED = pathlib.Path("/work/shared/data/tinyshakespeare.txt")
 ONE = {"process_index": 0, "process_count": 1}
 
 
@@ -33,15 +31,14 @@ def _check_batches(ds, seq_len, rows):
   return scored
 
 
-@pytest.mark.skipif(not SHARED.is_file(), reason="shared tinyshakespeare copy not present")
 @pytest.mark.parametrize("tokenizer,vocab", [("char", 65), ("byte", 256)])
-def test_tinyshakespeare(monkeypatch, tokenizer, vocab):
-  monkeypatch.setenv(corpora.DATA_DIR_ENV, str(SHARED.parent))
+def test_tinyshakespeare(tinyshakespeare_path, tokenizer, vocab):
+  # The fixture finds the corpus through $SEQMIX_DATA_DIR; fails instead of skipping in CI.
   ds = pipeline.make_datasets(_cfg(name="tinyshakespeare", tokenizer=tokenizer), seq_len=256,
                               batch_size=64, seed=0, **ONE)
   assert ds.vocab_size == vocab
   assert _check_batches(ds, 256, 64) == 111_540 - 1  # every validation target once
-  assert ds.decode(next(ds.train)["inputs"][0]) in SHARED.read_text()
+  assert ds.decode(next(ds.train)["inputs"][0]) in tinyshakespeare_path.read_text()
 
 
 def test_tinyshakespeare_missing_corpus_message(monkeypatch, tmp_path):

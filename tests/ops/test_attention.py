@@ -83,69 +83,127 @@ def _fwd_and_grads(fn, q, k, v, bias, kw):
   return o, grads
 
 
-# name -> (input kwargs, op kwargs builder)
+# name -> (input kwargs, op kwargs builder). bias "full" is [B,H,T,S], "row" [1,H,1,S];
+# ids "random" (sorted random per side), "self" (one array for both sides), "empty" (query id
+# 3 never appears among the keys: those rows see nothing).
 CASES = {
     "causal": (dict(), lambda ids: dict()),
     "noncausal_cross": (dict(s=100), lambda ids: dict(causal=False)),
     "window": (dict(t=100), lambda ids: dict(window=7)),
-    "gqa_window_bias": (dict(h=6, g=3, bias_shape=(2, 6, 63, 63)),
-                        lambda ids: dict(window=20)),
+    "gqa_window_bias": (dict(h=6, g=3, bias="full"), lambda ids: dict(window=20)),
     "mqa": (dict(h=4, g=1), lambda ids: dict()),
-    "segment_ids": (dict(), lambda ids: dict(segment_ids=ids[0])),
+    "segment_ids": (dict(ids="self"), lambda ids: dict(segment_ids=ids[0])),
     "segment_pair_short_query": (dict(t=20, s=63),
                                  lambda ids: dict(segment_ids=(ids[0], ids[1]))),
-    "bias_broadcast": (dict(bias_shape=(1, 4, 1, 63)), lambda ids: dict()),
+    "bias_broadcast": (dict(bias="row"), lambda ids: dict()),
     "q_offset": (dict(t=30, s=63), lambda ids: dict(q_offset=10, window=12)),
+    # Queries at -6..13: the first six see no key (empty rows through the offset).
+    "q_offset_empty_rows": (dict(t=20, s=40), lambda ids: dict(q_offset=-6)),
+    "segment_empty_rows": (dict(t=20, s=40, ids="empty"),
+                           lambda ids: dict(segment_ids=(ids[0], ids[1]), causal=False)),
+    "decode_t1": (dict(t=1, s=63, h=4, g=1), lambda ids: dict(window=40)),   # one query, last
+    "t1": (dict(t=1), lambda ids: dict()),
+    "long_t256": (dict(t=256, h=2, g=1, ids="self"),
+                  lambda ids: dict(segment_ids=ids[0], window=100)),
 }
-# The default run samples the (impl, case, dtype) grid; the rest runs under -m slow.
+HEAD_DIMS = (60, 64, 128)
+BLOCKS = (16, 64)   # CHUNK_BLOCK_K for `chunked`: several blocks (ragged) / one or two blocks
+# cuDNN (GPU only) takes bf16/fp16 and K == V a multiple of 8 (<= 128).
+CUDNN_HEAD_DIMS = (64, 128)
+ON_GPU = jax.default_backend() == "gpu"
+
+# The default run samples the (impl, case, dtype, head dim, block) grid so that every value
+# of every axis appears; the rest runs under -m slow. The block only matters for `chunked`.
 DEFAULT = [
-    ("xla", "causal", "float32"), ("xla", "gqa_window_bias", "float32"),
-    ("xla", "segment_pair_short_query", "float32"), ("xla", "q_offset", "float32"),
-    ("chunked", "noncausal_cross", "float32"), ("chunked", "gqa_window_bias", "float32"),
-    ("chunked", "mqa", "float32"), ("chunked", "segment_ids", "float32"),
-    ("chunked", "segment_pair_short_query", "float32"), ("chunked", "bias_broadcast", "float32"),
-    ("chunked", "q_offset", "float32"), ("xla", "causal", "bfloat16"),
-    ("chunked", "gqa_window_bias", "bfloat16"),
+    ("xla", "causal", "float32", 60, 16), ("xla", "gqa_window_bias", "float32", 64, 16),
+    ("xla", "segment_pair_short_query", "float32", 60, 16), ("xla", "q_offset", "float32", 60, 16),
+    ("xla", "segment_empty_rows", "float32", 64, 16), ("xla", "t1", "float32", 128, 16),
+    ("chunked", "noncausal_cross", "float32", 60, 16),
+    ("chunked", "gqa_window_bias", "float32", 60, 64), ("chunked", "mqa", "float32", 128, 16),
+    ("chunked", "segment_ids", "float32", 60, 16),
+    ("chunked", "segment_pair_short_query", "float32", 64, 16),
+    ("chunked", "bias_broadcast", "float32", 60, 16), ("chunked", "q_offset", "float32", 60, 16),
+    ("chunked", "window", "float32", 64, 64), ("chunked", "q_offset_empty_rows", "float32", 60, 16),
+    ("chunked", "decode_t1", "float32", 64, 16), ("chunked", "long_t256", "float32", 64, 64),
+    ("xla", "causal", "bfloat16", 60, 16), ("chunked", "gqa_window_bias", "bfloat16", 128, 16),
+    ("chunked", "long_t256", "bfloat16", 60, 16),
 ]
-FULL = [(i, c, d) for i in ("xla", "chunked") for c in CASES for d in ("float32", "bfloat16")
-        if (i, c, d) not in DEFAULT]
+# On the GPU the default run adds cuDNN for every case it supports (each case with odd T or S
+# and a mask/bias is made even: cuDNN rejects odd lengths there, see test_cudnn_refusals).
+CUDNN = [("cudnn", c, "bfloat16", d, 16) for c in CASES for d in CUDNN_HEAD_DIMS]
+if ON_GPU:
+  DEFAULT += CUDNN
+FULL = [(i, c, dt, d, bk) for i in ("xla", "chunked") for c in CASES
+        for dt in ("float32", "bfloat16") for d in HEAD_DIMS
+        for bk in (BLOCKS if i == "chunked" else BLOCKS[:1]) if (i, c, dt, d, bk) not in DEFAULT]
+
+
+def _even(n):
+  return n + n % 2
 
 
 @functools.lru_cache(maxsize=None)
-def _reference_result(case, dtype):
-  q, k, v, bias, kw = _case_inputs(case, dtype)
+def _reference_result(case, dtype, d, even):
+  q, k, v, bias, kw = _case_inputs(case, dtype, d, even)
   return _fwd_and_grads(lambda *a, **kw_: attn.attention(*a, impl="reference", **kw_),
                         q, k, v, bias, kw)
 
 
-def _case_inputs(case, dtype):
+def _case_inputs(case, dtype, d, even=False):
+  """q, k, v, bias, op kwargs of a case; even: odd T and S rounded up (for cuDNN)."""
   in_kw, op_kw = CASES[case]
-  q, k, v, bias, ids_q, ids_k = _inputs(dtype=jnp.dtype(dtype), **in_kw)
-  if case == "segment_ids":
+  in_kw = dict(in_kw)
+  ids_kind, bias_kind = in_kw.pop("ids", "random"), in_kw.pop("bias", None)
+  t = in_kw.pop("t", 63)
+  s = in_kw.pop("s", t)
+  if even and (t % 2 or s % 2) and not (t == s == 1):   # T = S = 1 is cuDNN's aligned path
+    t, s = _even(t), _even(s)
+  h = in_kw.get("h", 4)
+  bias_shape = {None: None, "full": (2, h, t, s), "row": (1, h, 1, s)}[bias_kind]
+  q, k, v, bias, ids_q, ids_k = _inputs(t=t, s=s, d=d, dtype=jnp.dtype(dtype),
+                                        bias_shape=bias_shape, **in_kw)
+  if ids_kind == "self":
     ids_k = ids_q
+  elif ids_kind == "empty":
+    ids_q = jnp.tile((jnp.arange(t) % 4)[None], (2, 1))   # id 3 has no keys
+    ids_k = jnp.tile((jnp.arange(s) % 3)[None], (2, 1))
   return q, k, v, bias, op_kw((ids_q, ids_k))
 
 
-def _check_impl(impl, case, dtype):
-  q, k, v, bias, kw = _case_inputs(case, dtype)
+def _check_impl(impl, case, dtype, d, block, monkeypatch):
+  monkeypatch.setattr(attn, "CHUNK_BLOCK_K", block)
+  even = impl == "cudnn"
+  q, k, v, bias, kw = _case_inputs(case, dtype, d, even)
   o, grads = _fwd_and_grads(lambda *a, **kw_: attn.attention(*a, impl=impl, **kw_),
                             q, k, v, bias, kw)
-  o_ref, grads_ref = _reference_result(case, dtype)
+  o_ref, grads_ref = _reference_result(case, dtype, d, even)
   assert o.dtype == v.dtype
   rtol = RTOL[dtype]
   assert_rel_close(o, o_ref, rtol, f"{impl}/{case} o")
   assert_trees_rel_close(grads, grads_ref, rtol, f"{impl}/{case} grads")
 
 
-@pytest.mark.parametrize("impl,case,dtype", DEFAULT)
-def test_impl_matches_reference(impl, case, dtype):
-  _check_impl(impl, case, dtype)
+@pytest.mark.parametrize("impl,case,dtype,d,block", DEFAULT)
+def test_impl_matches_reference(impl, case, dtype, d, block, monkeypatch):
+  _check_impl(impl, case, dtype, d, block, monkeypatch)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("impl,case,dtype", FULL)
-def test_impl_matches_reference_full_grid(impl, case, dtype):
-  _check_impl(impl, case, dtype)
+@pytest.mark.parametrize("impl,case,dtype,d,block", FULL)
+def test_impl_matches_reference_full_grid(impl, case, dtype, d, block, monkeypatch):
+  _check_impl(impl, case, dtype, d, block, monkeypatch)
+
+
+def test_default_grid_covers_every_axis_value():
+  """The sampled default rows name every case, head dim, block and dtype at least once."""
+  assert any(r[0] == "cudnn" for r in DEFAULT) == ON_GPU   # cuDNN rows exactly on the GPU
+  rows = [r for r in DEFAULT if r[0] != "cudnn"]
+  assert {r[1] for r in rows} == set(CASES)
+  assert {r[3] for r in rows} == set(HEAD_DIMS)
+  assert {r[4] for r in rows if r[0] == "chunked"} == set(BLOCKS)
+  assert {r[2] for r in rows} == {"float32", "bfloat16"}
+  ts = {_case_inputs(r[1], "float32", 8)[0].shape[1] for r in rows}
+  assert {1, 256} <= ts
 
 
 @pytest.mark.parametrize("kw", [
@@ -276,10 +334,65 @@ def test_auto_matches_reference():
   assert lse.shape == q.shape[:3] and lse.dtype == jnp.float32
 
 
+@pytest.mark.skipif(ON_GPU, reason="checks the message on a machine without a GPU")
 def test_cudnn_on_cpu_is_a_clear_error():
   q, k, v, *_ = _inputs(t=8, dtype=jnp.bfloat16)
   with pytest.raises(RuntimeError, match="needs a GPU"):
     attn.attention(q, k, v, impl="cudnn")
+
+
+def test_cudnn_refusals_and_auto_choice(monkeypatch):
+  """What cuDNN cannot run raises a clear error, and `auto` on the GPU picks cuDNN exactly when
+  it can run (else XLA). Runs on the CPU too: the platform is faked, and every refusal is
+  raised before jax is asked for cuDNN."""
+  monkeypatch.setattr(attn._impl, "platform", lambda: "gpu")
+  bf16 = jnp.bfloat16
+
+  def choice(t=64, s=None, d=64, dv=None, dtype=bf16, **kw):
+    q, k, v, *_ = _inputs(t=t, s=s, d=d, dv=dv, dtype=dtype)
+    spec = attn._Spec.make(q, k, v, True, None, kw.get("window"), kw.get("segment_ids"),
+                           kw.get("bias"), kw.get("q_offset"), 0)
+    return attn._attention_auto(q, k, v, kw.get("q_offset"), spec)["gpu"]
+
+  ids = jnp.zeros((2, 64), jnp.int32)
+  assert choice() == "cudnn"
+  assert choice(t=63) == "cudnn"                      # no mask: cuDNN's own causal pattern
+  assert choice(window=8) == "cudnn"
+  assert choice(segment_ids=ids) == "cudnn"
+  assert choice(bias=jnp.zeros((1, 4, 64, 64))) == "cudnn"
+  assert choice(t=63, segment_ids=ids[:, :63]) == "xla"   # mask + odd T: backward refuses
+  assert choice(t=63, bias=jnp.zeros((1, 4, 63, 63))) == "xla"
+  assert choice(t=1, s=64) == "xla"                   # one query: T != S, odd T
+  assert choice(q_offset=0) == "xla"
+  assert choice(dtype=jnp.float32) == "xla"
+  assert choice(d=60) == "xla"
+  assert choice(d=64, dv=32) == "xla"
+  assert choice(d=256) == "xla"
+  for kw, match in [
+      (dict(dtype=jnp.float32), "all bfloat16 or all float16"),
+      (dict(d=60), "multiple of 8"),
+      (dict(d=64, dv=32), "K == V"),
+      (dict(t=63, op=dict(segment_ids=jnp.zeros((2, 63), jnp.int32))), "even T and S"),
+      (dict(t=1, s=64), "even T and S"),
+      (dict(t=20, s=41, op=dict(q_offset=3)), "even T and S"),
+  ]:
+    op = kw.pop("op", {})
+    kw.setdefault("d", 64)
+    q, k, v, *_ = _inputs(dtype=kw.pop("dtype", bf16), **kw)
+    with pytest.raises(RuntimeError, match=match):
+      attn.attention(q, k, v, impl="cudnn", **op)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs cuDNN (a GPU)")
+def test_cudnn_odd_lengths_with_a_mask_really_fail_in_jax():
+  """The even-length rule above is jax's (cuDNN backward with a bias): if this stops raising,
+  the rule in seqmix.ops.attention._cudnn_unsupported can go."""
+  q, k, v, *_ = _inputs(t=63, d=64, dtype=jnp.bfloat16)
+  mask = jnp.tril(jnp.ones((63, 63), bool))[None, None]
+  f = lambda q, k, v: jnp.sum(jax.nn.dot_product_attention(
+      q, k, v, mask=mask, implementation="cudnn").astype(jnp.float32))
+  with pytest.raises(NotImplementedError, match="sequence length"):
+    jax.jit(jax.grad(f, (0, 1, 2)))(q, k, v)
 
 
 def test_pallas_not_built():

@@ -148,3 +148,18 @@ def test_jit_and_errors():
     linear_scan(a, x, impl="pallas")
   with pytest.raises(ValueError, match="initial_state"):
     linear_scan(a, x, initial_state=h0[:, :2])
+
+
+def test_auto_resolves_per_platform_and_matches_reference():
+  """`auto` is the reference on the CPU and the associative scan on the GPU (`make test-gpu`
+  runs this there, so the GPU's auto choice is compared with the oracle on its own backend)."""
+  from seqmix.ops import scan as scan_mod
+  assert scan_mod.AUTO["cpu"] == "reference" and scan_mod.AUTO["gpu"] == "associative"
+  a, x, h0 = _inputs(11, 100, "real", jnp.float32, True, 16)
+  platform = jax.default_backend()
+  chosen = scan_mod.AUTO.get(platform, scan_mod.AUTO["default"])
+  out = linear_scan(a, x, initial_state=h0)
+  assert_trees_rel_close(out, linear_scan(a, x, initial_state=h0, impl=chosen), 0.0,
+                         f"auto vs {chosen}")   # the same form: bitwise equal
+  assert_trees_rel_close(out, linear_scan(a, x, initial_state=h0, impl="reference"),
+                         RTOL["float32"], "auto vs reference")
