@@ -85,7 +85,8 @@ def _numpy_selective_scan(inp, softplus):
   h = np.zeros((b, d, x["A"].shape[1])) if x["initial_state"] is None else x["initial_state"]
   ys = []
   for i in range(t):
-    h = np.exp(dt[:, i, :, None] * x["A"]) * h + (dt[:, i] * x["u"][:, i])[:, :, None] * x["B"][:, i, None, :]
+    h = (np.exp(dt[:, i, :, None] * x["A"]) * h
+         + (dt[:, i] * x["u"][:, i])[:, :, None] * x["B"][:, i, None, :])
     y = np.einsum("bdn,bn->bd", h, x["C"][:, i])
     ys.append(y if x["D"] is None else y + x["D"] * x["u"][:, i])
   return np.stack(ys, 1), h
