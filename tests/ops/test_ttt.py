@@ -71,9 +71,9 @@ def _run_with_grads(kind, impl, args, state, cot_seed=7, mb=16):
     (out, final), vjp, fcount = jax.vjp(f, args, floats, has_aux=True)
     return out, final, fcount, vjp(cot)
 
-  if state is None:
-    return run(args, None, None, cot)
-  return run(args, tuple(state[:-1]), state.count, cot)
+  inputs = (args, None, None, cot) if state is None else (args, tuple(state[:-1]), state.count,
+                                                          cot)
+  return run.lower(*inputs).compile(compiler_options=_FAST_COMPILE)(*inputs)
 
 
 def _check_chunked_vs_reference(kind, t, dtype, init, dk=8, mb=16, seed=0):
