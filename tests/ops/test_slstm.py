@@ -70,18 +70,24 @@ def test_split_equals_whole(forget_gate):
   assert_trees_rel_close((jnp.concatenate([h1, h2], 1), s2), (h, state), RTOL["float32"])
 
 
-def test_initial_state_round_trip():
+def test_nonzero_initial_state_and_one_token_steps():
+  """A non-empty initial state (a plain tuple, sigmoid gate: the float64 test above runs the
+  non-empty state with the exp gate) is the paper's memory C = c e^m, N = n e^m; and stepping
+  one token at a time through the returned states, starting from it, equals the whole call."""
   x, R, bias = _inputs(3, 12)
-  h, state = slstm(x, R, bias)
-  h0, state0 = slstm(x, R, bias, initial_state=tuple(empty_state(BATCH, HEADS, HEAD_DIM)))
-  assert_trees_rel_close((h0, state0), (h, state), 0.0)
-  # A state returned by the op goes back in unchanged in meaning: one token at a time.
-  s = None
+  state = _random_state(9)
+  h, final = slstm(x, R, bias, initial_state=tuple(state))
+  want_h, want_c, want_n = _unstabilised(x, R, bias, state, "sigmoid")
+  assert_rel_close(h, want_h, RTOL["float32"], "h")
+  scale = np.exp(np.asarray(final.m, np.float64))
+  assert_rel_close(np.asarray(final.c) * scale, want_c, RTOL["float32"], "c e^m")
+  assert_rel_close(np.asarray(final.n) * scale, want_n, RTOL["float32"], "n e^m")
+  s = state
   steps = []
   for t in range(x.shape[1]):
     out, s = slstm(x[:, t:t + 1], R, bias, initial_state=s)
     steps.append(out)
-  assert_trees_rel_close((jnp.concatenate(steps, 1), s), (h, state), RTOL["float32"])
+  assert_trees_rel_close((jnp.concatenate(steps, 1), s), (h, final), RTOL["float32"])
 
 
 @pytest.mark.parametrize("forget_gate", ["sigmoid", "exp"])

@@ -109,6 +109,50 @@ def test_s4d_kernel_matches_unrolled_recurrence(init, disc):
   assert_rel_close(k, _unroll(a_bar, b_bar, c_scaled, L, diagonal=True), RTOL["float32"], "K")
 
 
+def _s4d_numpy(a, b, c, log_step, length, disc, conj):
+  """S4D from its formulas in float64 numpy: (Ā, B̄, scale · C) [H, N'] and K [L, H].
+
+  zoh: Ā = e^{ΔA}, B̄ = (e^{ΔA} - 1)/A · B; bilinear: Ā = (1 + ΔA/2)/(1 - ΔA/2),
+  B̄ = Δ B/(1 - ΔA/2); K_l = scale · Re Σ_n C_n B̄_n Ā_n^l, scale 2 under conjugate symmetry.
+  """
+  h = log_step.shape[0]
+  a, b, c = (np.broadcast_to(np.asarray(x, np.complex128), (h, np.shape(x)[-1]))
+             for x in (a, b, c))
+  dt = np.exp(np.asarray(log_step, np.float64))[:, None]              # [h, 1]
+  if disc == "zoh":
+    a_bar = np.exp(dt * a)
+    b_bar = (a_bar - 1.0) / a * b
+  else:
+    a_bar = (1.0 + dt * a / 2.0) / (1.0 - dt * a / 2.0)
+    b_bar = dt * b / (1.0 - dt * a / 2.0)
+  scale = 2.0 if conj else 1.0
+  powers = a_bar[None] ** np.arange(length)[:, None, None]           # [l, h, n]
+  k = scale * np.einsum("hn,lhn->lh", c * b_bar, powers).real
+  return a_bar, b_bar, scale * c, k
+
+
+@pytest.mark.parametrize("init,disc,conj,shared", [("lin", "zoh", True, False),
+                                                   ("inv", "bilinear", True, True),
+                                                   ("inv", "zoh", False, True),
+                                                   ("lin", "bilinear", False, False)])
+def test_s4d_matches_float64_formulas(init, disc, conj, shared):
+  """`s4d_discrete` and `s4d_kernel` against the ZOH / bilinear formulas of the S4D paper in
+  float64 numpy (the kernel-vs-recurrence test above shares `_s4d_discretise` on both sides)."""
+  rng = np.random.default_rng(5)
+  a = sk.s4d_lin(16) if init == "lin" else sk.s4d_inv(16)
+  if not shared:  # per-channel A, perturbed so that channels differ (Re A stays < 0)
+    a = a[None] + 0.1 * _complex(rng, H, a.shape[0])
+  b, c = _complex(rng, *a.shape), _complex(rng, H, 8)
+  log_step = _log_step(5)
+  a_bar, b_bar, c_scaled, k = _s4d_numpy(a, b, c, log_step, L, disc, conj)
+  as64 = lambda x: jnp.asarray(x, jnp.complex64)
+  got = sk.s4d_discrete(as64(a), as64(b), as64(c), log_step, disc, conj=conj)
+  for name, x, want in zip(("A_bar", "B_bar", "C_scaled"), got, (a_bar, b_bar, c_scaled)):
+    assert_rel_close(x, want, RTOL["float32"], name)
+  assert_rel_close(sk.s4d_kernel(as64(a), as64(b), as64(c), log_step, L, disc, conj=conj), k,
+                   RTOL["float32"], "K")
+
+
 def test_s4d_discretisations_agree_for_small_steps():
   # ZOH and bilinear differ by O(Δ²); both must approach the same continuous kernel.
   a = jnp.asarray(sk.s4d_lin(8), jnp.complex64)
