@@ -14,6 +14,7 @@ delta: d lse_i / d s_ij = P_ij, so dS = P ⊙ (dP − (delta − dlse)). With gr
 dK/dV kernel writes one slab per query head and the group sum is one XLA reduction.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -115,9 +116,10 @@ def _compiler_params(p, backward):
 
 
 def _default_warps(p, d):
+  """Params with unset warp counts filled in: 4 for head dims <= 64, else 8 (the dK/dV pass
+  holds two [block_k_dkv, d] float32 accumulators in registers)."""
   bl = p.blocks
   if bl.num_warps is None or bl.num_warps_bwd is None:
-    import dataclasses
     bl = dataclasses.replace(bl, num_warps=bl.num_warps or (4 if d <= 64 else 8),
                              num_warps_bwd=bl.num_warps_bwd or (4 if d <= 64 else 8))
     p = dataclasses.replace(p, blocks=bl)
