@@ -12,6 +12,7 @@ a package, so pytest would refuse two modules of one basename.)
 """
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -165,6 +166,10 @@ class TestFlashAttention:
   @pytest.mark.slow
   @pytest.mark.parametrize("case,dtype,blocks", FULL)
   def test_matches_reference_full_grid(self, case, dtype, blocks):
+    # On the GPU every case is a few Triton compiles; the device session has minutes for all
+    # kernel tests, so the compiled full grid is opt-in there.
+    if not self.INTERPRET and os.environ.get("SEQMIX_GPU_FULL_GRID") != "1":
+      pytest.skip("compiled full grid: set SEQMIX_GPU_FULL_GRID=1")
     self._check(case, dtype, blocks)
 
   def test_empty_rows_zero_output_and_zero_grads(self):
