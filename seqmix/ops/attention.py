@@ -24,7 +24,11 @@ Forms (`impl`):
   chunked    memory-efficient pure JAX: a `lax.scan` over key blocks of `CHUNK_BLOCK_K` keys
              with an online (running max) softmax; the per-block body is rematerialised in
              the backward pass, so neither pass holds more than [T, CHUNK_BLOCK_K] logits.
-  pallas     not built.
+  pallas     flash attention kernels (`kernels_pallas/attention`, FlashAttention-2 forward,
+             dK/dV and dQ passes with causal / window block skipping): compiled through
+             the Pallas Triton lowering on GPU, run in the Pallas interpreter elsewhere
+             (correctness only: slow). No additive `bias` (NotImplementedError naming the
+             impls that take one). Block sizes: `PALLAS_BLOCK_SIZES`.
 
 Masked logits never enter `exp` as `x − (−inf)`: the running max is replaced by 0 where it is
 −inf and masked entries are set to −inf *after* the subtraction, so exp gives exact zeros
@@ -43,10 +47,13 @@ from seqmix.ops import _impl
 # Keys per step of the `chunked` form. Module-level so tests (and users) can shrink it; it is
 # read when a call is traced.
 CHUNK_BLOCK_K = 512
+# Tile sizes of the `pallas` form (None: the kernel's defaults, tuned for Hopper). Read when a
+# call is traced; tests shrink it to get several blocks at T = 63 / 100.
+PALLAS_BLOCK_SIZES = None
 
 _ATTENTION_IMPLS = {"reference": True, "xla": True, "cudnn": True, "chunked": True,
-                    "pallas": False}
-_BLOCKWISE_IMPLS = {"reference": True, "chunked": True, "pallas": False}
+                    "pallas": True}
+_BLOCKWISE_IMPLS = {"reference": True, "chunked": True, "pallas": True}
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
@@ -68,7 +75,7 @@ def attention(q, k, v, *, causal=True, scale=None, window=None, segment_ids=None
     dropout_rate, dropout_rng: dropout on the attention probabilities (training; nanoGPT's
       attn_dropout). An extension of the contract: only `reference` supports it, and `auto`
       picks `reference` when dropout_rate > 0.
-    impl: "reference" | "xla" | "cudnn" | "chunked" | "auto" ("pallas": not built).
+    impl: "reference" | "xla" | "cudnn" | "chunked" | "pallas" | "auto".
   Returns:
     (o [B,T,H,V] in v's dtype, None).
   """
@@ -89,6 +96,8 @@ def attention(q, k, v, *, causal=True, scale=None, window=None, segment_ids=None
     o, _ = _reference(q, k, v, spec, dropout)
   elif impl == "chunked":
     o, _ = _chunked(q, k, v, spec, CHUNK_BLOCK_K)
+  elif impl == "pallas":
+    o, _ = _pallas(q, k, v, spec, "attention")
   elif impl == "xla":
     o = _xla(q, k, v, spec)
   else:
@@ -114,6 +123,8 @@ def blockwise_attention(q, k, v, *, causal=True, scale=None, window=None, segmen
                        {"cpu": "reference", "default": "chunked"})
   if impl == "reference":
     return _reference(q, k, v, spec)
+  if impl == "pallas":
+    return _pallas(q, k, v, spec, "blockwise_attention")
   return _chunked(q, k, v, spec, CHUNK_BLOCK_K)
 
 
@@ -308,6 +319,24 @@ def _chunked(q, k, v, spec, block_k):
   o = o.reshape(b, hq, tq, v.shape[-1]).transpose(0, 2, 1, 3)   # [b, t, h, v]
   lse = lse.reshape(b, hq, tq).transpose(0, 2, 1)                # [b, t, h]
   return o.astype(v.dtype), lse
+
+
+def _pallas(q, k, v, spec, op):
+  """The flash attention kernels.  -> (o [B,T,H,V] v.dtype, lse [B,T,H] float32)."""
+  if spec.bias is not None:
+    others = ("'reference', 'xla', 'cudnn' or 'chunked'" if op == "attention"
+              else "'reference' or 'chunked'")
+    raise NotImplementedError(f"{op}: impl='pallas' does not support an additive bias; use "
+                              f"impl={others} for a bias.")
+  if not q.dtype == k.dtype == v.dtype:
+    raise ValueError(f"{op} impl='pallas' needs q, k, v of one dtype; got {q.dtype}, "
+                     f"{k.dtype}, {v.dtype}. Cast them, or use impl='chunked' or 'reference'.")
+  from kernels_pallas.attention import ops as pallas_ops   # kernels reached only from here
+  shift = (jnp.asarray(spec.q_offset, jnp.int32) - jnp.asarray(spec.kv_offset, jnp.int32))
+  return pallas_ops.flash_attention(
+      q, k, v, shift=shift, causal=spec.causal, scale=spec.scale, window=spec.window,
+      q_ids=spec.q_ids, kv_ids=spec.kv_ids, block_sizes=PALLAS_BLOCK_SIZES,
+      interpret=_impl.platform() != "gpu")
 
 
 def _dense_mask(spec):
