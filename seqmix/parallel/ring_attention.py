@@ -43,12 +43,11 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import AxisType
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from seqmix.ops.attention import blockwise_attention
 from seqmix.ops.attention import merge_partials
+from seqmix.parallel import _shard
 
 CONTEXT_PARALLEL = ("ring", "allgather")
 LAYOUTS = ("contiguous", "zigzag")
@@ -158,10 +157,7 @@ def context_parallel_attention(q, k, v, *, mesh, context_parallel="ring", causal
   """
   if context_parallel not in CONTEXT_PARALLEL:
     raise ValueError(f"context_parallel={context_parallel!r}: choose one of {CONTEXT_PARALLEL}.")
-  if axis_name not in mesh.shape:
-    raise ValueError(f"context parallel attention: the mesh has axes {tuple(mesh.shape)}, not "
-                     f"{axis_name!r}; pass axis_name= or build the mesh with that axis.")
-  n = mesh.shape[axis_name]
+  n = _shard.check_axis(mesh, axis_name, "context parallel attention")
   t = q.shape[1]
   if k.shape[1] != t or v.shape[1] != t:
     raise ValueError(f"context parallel attention is self-attention: q, k, v need one length "
@@ -175,7 +171,6 @@ def context_parallel_attention(q, k, v, *, mesh, context_parallel="ring", causal
                      f"(two chunks per device on {n} devices); pad T or use "
                      f"load_balance=False.")
   spec = P(batch_axes, axis_name, head_axes, None)
-  ids_spec = P(batch_axes, axis_name)
   out_specs = (spec, P(batch_axes, axis_name, head_axes))
   shard = ring_attention_shard if context_parallel == "ring" else allgather_attention_shard
 
@@ -188,14 +183,8 @@ def context_parallel_attention(q, k, v, *, mesh, context_parallel="ring", causal
       o, lse = zigzag_to_contiguous((o, lse), axis_name)
     return o, lse
 
-  args = [q, k, v, segment_ids]
-  specs = [spec, spec, spec, None if segment_ids is None else ids_spec]
-  if segment_ids is None:
-    args, specs = args[:3], specs[:3]
-  args = [_reshard(x, mesh, s) for x, s in zip(args, specs)]
-  fn = jax.shard_map(local if segment_ids is not None else (lambda q, k, v: local(q, k, v, None)),
-                     mesh=mesh, in_specs=tuple(specs), out_specs=out_specs, check_vma=False)
-  return fn(*args)
+  return _shard.smap(local, mesh, (q, k, v, segment_ids),
+                     (spec, spec, spec, P(batch_axes, axis_name)), out_specs)
 
 
 def ring_attention(q, k, v, **kwargs):
@@ -206,13 +195,6 @@ def ring_attention(q, k, v, **kwargs):
 def allgather_attention(q, k, v, **kwargs):
   """`context_parallel_attention` with context_parallel="allgather"."""
   return context_parallel_attention(q, k, v, context_parallel="allgather", **kwargs)
-
-
-def _reshard(x, mesh, spec):
-  """x onto NamedSharding(mesh, spec) when the mesh's axes are Explicit (shard_map needs it)."""
-  if any(t == AxisType.Explicit for t in mesh.axis_types):
-    return jax.sharding.reshard(x, NamedSharding(mesh, spec))
-  return x
 
 
 def _attend(q, k, v, q_ids, kv_ids, q_off, kv_off, opts):
