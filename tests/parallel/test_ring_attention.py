@@ -19,6 +19,10 @@ from seqmix.parallel import ring_attention as ra
 from seqmix.testing import assert_rel_close
 
 RTOL = 1e-5
+SLOW = pytest.mark.slow
+# The default suite runs the 4-device mesh of each case (it has interior shards, edges on both
+# sides); the 2-device twins are in `make test-full`.
+N = [pytest.param(2, marks=SLOW), 4]
 
 
 def _mesh(n, axis_type=AxisType.Auto):
@@ -74,23 +78,24 @@ def _check(mode, n, *, causal=True, window=None, segments=False, load_balance=Tr
     assert_rel_close(a, b, RTOL, f"d{name}")
 
 
-@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("n", N)
 @pytest.mark.parametrize("mode", ["ring", "allgather"])
 def test_causal_load_balanced_gqa_segments(mode, n):
   _check(mode, n, segments=True, impl="chunked")
 
 
-@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("n", N)
 def test_ring_causal_contiguous(n):
   _check("ring", n, load_balance=False, g=4)
 
 
-@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("n", N)
 def test_ring_window(n):
   # T/n = 8 or 4 tokens per shard; W = 6 reaches one block back on n=2 and two on n=4.
   _check("ring", n, window=6, segments=True, g=1)
 
 
+@SLOW
 def test_ring_window_spanning_all_shards():
   _check("ring", 4, window=13, g=2)
 

@@ -24,6 +24,10 @@ from seqmix.testing import assert_trees_rel_close
 B, T, H, K, V = 2, 16, 2, 6, 5
 RESETS = (4, 8, 11)   # 4 and 8 are shard edges (8 on both meshes), 11 is inside a shard
 RTOL = 1e-5
+SLOW = pytest.mark.slow
+# The default suite runs the 4-device mesh of each op; the 2-device twins and the other gate
+# forms of gla are in `make test-full`.
+N = [pytest.param(2, marks=SLOW), 4]
 
 
 def _mesh(n, axis_type=AxisType.Auto):
@@ -63,7 +67,7 @@ def _compare(par, ref, args, diff, mesh, rtol=RTOL):
   assert_trees_rel_close(grads, grads_r, rtol, "grads")
 
 
-@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("n", N)
 def test_linear_scan(n):
   k1, k2, k3 = _keys(0, 3)
   a = jax.random.uniform(k1, (B, T, V), minval=-1.0, maxval=1.0)   # negative a included
@@ -77,8 +81,9 @@ def test_linear_scan(n):
   _compare(par, ref, (a, x, h0), (0, 1, 2), mesh)
 
 
-@pytest.mark.parametrize("n,gate", [(2, "scalar"), (4, "scalar"), (4, "per_key"),
-                                    (2, "fixed"), (2, "none")])
+@pytest.mark.parametrize("n,gate", [pytest.param(2, "scalar", marks=SLOW), (4, "scalar"),
+                                    (4, "per_key"), pytest.param(2, "fixed", marks=SLOW),
+                                    pytest.param(2, "none", marks=SLOW)])
 def test_gla(n, gate):
   ks = _keys(1, 5)
   q = jax.random.normal(ks[0], (B, T, 1, K))          # one q/k head for H value heads
@@ -113,7 +118,8 @@ def test_rwkv6():
   _compare(par, ref, (r, k, v, w, u, h0), (0, 1, 2, 3, 4, 5), mesh)
 
 
-@pytest.mark.parametrize("n,gated", [(2, True), (4, True), (4, False)])
+@pytest.mark.parametrize("n,gated", [pytest.param(2, True, marks=SLOW), (4, True),
+                                     pytest.param(4, False, marks=SLOW)])
 def test_delta_rule(n, gated):
   ks = _keys(3, 6)
   q = jax.random.normal(ks[0], (B, T, 1, K))
@@ -134,7 +140,7 @@ def test_delta_rule(n, gated):
   _compare(par, ref, (q, k, v, beta, g, h0), diff, mesh)
 
 
-@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("n", N)
 def test_selective_scan(n):
   ks = _keys(4, 8)
   d, m = 5, 3
@@ -155,7 +161,7 @@ def test_selective_scan(n):
   _compare(par, ref, (u, delta, a, bm, cm, dskip, bias, h0), tuple(range(8)), mesh)
 
 
-@pytest.mark.parametrize("n,taps", [(2, 4), (4, 5)])
+@pytest.mark.parametrize("n,taps", [pytest.param(2, 4, marks=SLOW), (4, 5)])
 def test_causal_conv(n, taps):
   ks = _keys(5, 3)
   d = 3
