@@ -29,7 +29,6 @@ Each function takes global arrays like its op plus `mesh`, `axis_name` and the m
 batch (and head) dims; the `*_shard` functions run on local shards inside a caller's shard_map.
 """
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
@@ -217,8 +216,8 @@ def selective_scan_shard(u, delta, A, B, C, D=None, *, delta_bias=None, delta_so
   s0 = jnp.zeros(shape, _F32) if initial_state is None else initial_state.astype(_F32)
   zero_u = jnp.zeros(u.shape, _F32)
   # exp(A · ΣΔ) of the shard: a pass with u = 0 from all ones. [b, d, n]
-  _, decay = _ssm.selective_scan(zero_u, delta, A, B, C, None, initial_state=jnp.ones(shape, _F32),
-                                 **kw)
+  ones = jnp.ones(shape, _F32)
+  _, decay = _ssm.selective_scan(zero_u, delta, A, B, C, None, initial_state=ones, **kw)
   s_in, s_last = _chain(s_loc, decay, s0, _diag, axis_name)
   y_corr, _ = _ssm.selective_scan(zero_u, delta, A, B, C, None, initial_state=s_in, **kw)
   return (y_loc.astype(_F32) + y_corr).astype(u.dtype), s_last
