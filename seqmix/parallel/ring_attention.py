@@ -32,12 +32,16 @@ the ring stops after that many rotations instead of n − 1. With a window the t
 use the contiguous layout (the window already balances the work); the zigzag layout with a
 window is correct but runs the whole ring.
 
-Backward pass: plain autodiff of the ring (the transpose of `ppermute` is the reverse
-`ppermute`, of `all_gather` a reduce-scatter). Autodiff keeps each step's K/V block for the
-backward pass, i.e. O(T/n · steps) K/V memory per device; a custom_vjp that re-rotates K/V in
-the backward pass (O(T/n)) is not built.
+Backward pass (`backward=`): "autodiff" differentiates the ring (the transpose of `ppermute`
+is the reverse `ppermute`, of `all_gather` a reduce-scatter) and so keeps each step's K/V block
+for the backward pass, O(T/n · steps) K/V memory per device. "ring" is a custom_vjp that keeps
+only the local q, k, v, o, lse: the backward pass rotates K/V again, recomputes each step's
+blocks under `jax.vjp` (cotangents w·do for the block's o and w·(dlse + do·o_blk − do·o) for its
+lse, w = exp(lse_blk − lse)), and the K/V gradients travel with their block and are sent home
+by one ppermute at the end. The all-gather form is differentiated by autodiff.
 """
 
+import functools
 import math
 
 import jax
@@ -134,7 +138,7 @@ def _permute_chunks(x, n, axis, order):
 def context_parallel_attention(q, k, v, *, mesh, context_parallel="ring", causal=True,
                                scale=None, window=None, segment_ids=None, load_balance=True,
                                impl="chunked", axis_name="sequence", batch_axes=None,
-                               head_axes=None):
+                               head_axes=None, backward="autodiff"):
   """Self-attention with its sequence sharded over `axis_name` of `mesh`.
 
   Args:
@@ -151,6 +155,7 @@ def context_parallel_attention(q, k, v, *, mesh, context_parallel="ring", causal
     impl: `blockwise_attention` impl run on every block ("chunked", "reference", ...).
     axis_name: the mesh axis the sequence is split over.
     batch_axes, head_axes: mesh axes (or None) the batch and head dims are sharded over.
+    backward: ring only: "autodiff" or "ring" (custom_vjp; see `ring_attention_shard`).
 
   Returns:
     (o [B, T, H, V] in v's dtype, lse [B, T, H] float32), natural token order.
@@ -172,7 +177,10 @@ def context_parallel_attention(q, k, v, *, mesh, context_parallel="ring", causal
                      f"load_balance=False.")
   spec = P(batch_axes, axis_name, head_axes, None)
   out_specs = (spec, P(batch_axes, axis_name, head_axes))
-  shard = ring_attention_shard if context_parallel == "ring" else allgather_attention_shard
+  if context_parallel == "ring":
+    shard = functools.partial(ring_attention_shard, backward=backward)
+  else:
+    shard = allgather_attention_shard
 
   def local(q, k, v, ids):
     if layout == "zigzag":
@@ -214,7 +222,8 @@ def _check_layout(layout, tl):
 
 
 def ring_attention_shard(q, k, v, *, causal=True, scale=None, window=None, segment_ids=None,
-                         layout="contiguous", impl="chunked", axis_name="sequence"):
+                         layout="contiguous", impl="chunked", axis_name="sequence",
+                         backward="autodiff"):
   """Ring attention on local shards; call inside `shard_map` over `axis_name`.
 
   Args:
@@ -223,6 +232,10 @@ def ring_attention_shard(q, k, v, *, causal=True, scale=None, window=None, segme
     segment_ids: [B, Tl] int ids of this device's tokens, or None.
     layout: "contiguous" or "zigzag" (module docstring); zigzag with causal=False runs as
       contiguous would (all pairs), it only changes the positions.
+    backward: "autodiff" (differentiate the ring: every step's K/V block is kept for the
+      backward pass) or "ring" (a custom_vjp that keeps only the local q, k, v, o, lse and
+      rotates K/V again in the backward pass, with their gradients travelling alongside and
+      sent home at the end; each step's blocks are recomputed under `jax.vjp`).
     Others: as `context_parallel_attention`.
 
   Returns:
@@ -230,79 +243,129 @@ def ring_attention_shard(q, k, v, *, causal=True, scale=None, window=None, segme
   """
   tl = q.shape[1]
   _check_layout(layout, tl)
+  if backward not in ("autodiff", "ring"):
+    raise ValueError(f"backward={backward!r}: choose 'autodiff' or 'ring'.")
   n = lax.axis_size(axis_name)
-  i = lax.axis_index(axis_name)
   opts = dict(causal=causal, scale=scale, window=window, impl=impl)
   perm = [(d, (d + 1) % n) for d in range(n)]
   rotate = lambda tree: lax.ppermute(tree, axis_name, perm)   # block of device d -> d + 1
+  steps = n
+  if layout == "contiguous" and causal and window is not None:
+    steps = min(n, 1 + math.ceil((int(window) - 1) / tl))     # blocks a window reaches back
+  # The device index is taken inside each traced function (the custom_vjp's fwd and bwd must
+  # not close over a tracer).
+  step_partial = lambda: functools.partial(_ring_step_partial, layout=layout,
+                                           i=lax.axis_index(axis_name), n=n, tl=tl, opts=opts)
 
-  if layout == "contiguous":
-    steps = n
-    if causal and window is not None:
-      steps = min(n, 1 + math.ceil((int(window) - 1) / tl))   # blocks a window reaches back
-    o, lse = _attend(q, k, v, segment_ids, segment_ids, i * tl, i * tl, opts)
+  def forward(q, k, v, ids):
+    partial = step_partial()
+    o, lse = partial(q, ids, (k, v, ids), 0)
 
-    def contiguous_step(carry, s):
+    def step(carry, s):
       kv, o, lse = carry
       kv = rotate(kv)
-      j = (i - s) % n                                          # owner of the block held now
-      o, lse = merge_partials(o, lse, *_attend(q, kv[0], kv[1], segment_ids, kv[2], i * tl,
-                                               j * tl, opts))
+      o, lse = merge_partials(o, lse, *partial(q, ids, kv, s))
       return (kv, o, lse), None
 
-    (_, o, lse), _ = lax.scan(contiguous_step, ((k, v, segment_ids), o, lse),
-                              jnp.arange(1, steps))
+    (_, o, lse), _ = lax.scan(step, ((k, v, ids), o, lse), jnp.arange(1, steps))
+    return o, lse
+
+  if backward == "autodiff":
+    o, lse = forward(q, k, v, segment_ids)
     return o.astype(v.dtype), lse
 
+  @jax.custom_vjp
+  def ring(q, k, v, ids):
+    return forward(q, k, v, ids)
+
+  def ring_fwd(q, k, v, ids):
+    o, lse = forward(q, k, v, ids)
+    return (o, lse), (q, k, v, ids, o, lse)
+
+  def ring_bwd(res, cts):
+    q, k, v, ids, o, lse = res
+    do, dlse = cts
+    partial = step_partial()
+    do = do.astype(jnp.float32)
+    do_o = jnp.sum(do * o, axis=-1)                                  # [b, tl, h]
+    lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+
+    def step_grads(kv, s):
+      # o = Σ_s w_s o_s with w_s = exp(lse_s − lse): o_s gets w_s do, lse_s gets
+      # w_s (dlse + do·o_s − do·o).
+      (o_s, lse_s), vjp = jax.vjp(lambda q, k, v: partial(q, ids, (k, v, kv[2]), s), q,
+                                  kv[0], kv[1])
+      w = jnp.where(jnp.isfinite(lse_s), jnp.exp(lse_s - lse_safe), 0.0)
+      d_lse_s = w * (dlse + jnp.sum(do * o_s, axis=-1) - do_o)
+      return vjp((w[..., None] * do, d_lse_s))
+
+    dq, dk, dv = step_grads((k, v, ids), 0)
+
+    def step(carry, s):
+      kv, dkv, dq = carry
+      kv, dkv = rotate(kv), rotate(dkv)
+      dq_s, dk_s, dv_s = step_grads(kv, s)
+      return (kv, (dkv[0] + dk_s, dkv[1] + dv_s), dq + dq_s), None
+
+    (_, (dk, dv), dq), _ = lax.scan(step, ((k, v, ids), (dk, dv), dq), jnp.arange(1, steps))
+    if steps > 1:
+      # Device d holds the gradients of the block of device d − (steps − 1): send them home.
+      home = [(d, (d - (steps - 1)) % n) for d in range(n)]
+      dk, dv = lax.ppermute((dk, dv), axis_name, home)
+    return dq, dk, dv, None
+
+  ring.defvjp(ring_fwd, ring_bwd)
+  o, lse = ring(q, k, v, segment_ids)
+  return o.astype(v.dtype), lse
+
+
+def _ring_step_partial(q, ids, kv, s, *, layout, i, n, tl, opts):
+  """Attention of the local queries to the K/V block held at ring step s (from device i − s).
+
+  q [B, Tl, H, K], ids [B, Tl] | None, kv = (k, v, kv_ids) of that block; s = 0 is a Python int
+  (the own block: in the zigzag layout its diagonal pairs differ from the other steps'), later
+  steps may be traced. Returns (o [B, Tl, H, V] float32, lse [B, Tl, H]) over that block.
+  """
+  k, v, kv_ids = kv
+  j = (i - s) % n                                              # owner of the block held now
+  if layout == "contiguous":
+    return _attend(q, k, v, ids, kv_ids, i * tl, j * tl, opts)
   c = tl // 2
   split = lambda x: (None, None) if x is None else (x[:, :c], x[:, c:])
   qa, qb = split(q)
-  ida, idb = split(segment_ids)
-  pos_a, pos_b = i * c, (2 * n - 1 - i) * c                    # chunk i and chunk 2n−1−i
+  ida, idb = split(ids)
   ka, kb = split(k)
   va, vb = split(v)
-  # Step 0: own keys. Causal: (a, a) and (b, b) are diagonal, (b, a) full, (a, b) empty.
-  o_a, lse_a = _attend(qa, ka, va, ida, ida, pos_a, pos_a, opts)
-  o_b, lse_b = merge_partials(*_attend(qb, ka, va, idb, ida, pos_b, pos_a, opts),
-                              *_attend(qb, kb, vb, idb, idb, pos_b, pos_b, opts))
-  if not causal:
-    o_a, lse_a = merge_partials(o_a, lse_a, *_attend(qa, kb, vb, ida, idb, pos_a, pos_b, opts))
-
-  def zigzag_step(carry, s):
-    kv, o_a, lse_a, o_b, lse_b = carry
-    kv = rotate(kv)
-    j = (i - s) % n
-    ka, kb = split(kv[0])
-    va, vb = split(kv[1])
-    kida, kidb = split(kv[2])
-    kpos_a, kpos_b = j * c, (2 * n - 1 - j) * c
-    # Key chunk j is before both query chunks: (b, a_j) always has visible pairs.
-    o_b, lse_b = merge_partials(o_b, lse_b, *_attend(qb, ka, va, idb, kida, pos_b, kpos_a, opts))
+  kida, kidb = split(kv_ids)
+  pos_a, pos_b = i * c, (2 * n - 1 - i) * c                    # chunk i and chunk 2n−1−i
+  kpos_a, kpos_b = j * c, (2 * n - 1 - j) * c
+  causal = opts["causal"]
+  if isinstance(s, int) and s == 0:
+    # Own keys. Causal: (a, a) and (b, b) are diagonal, (b, a) full, (a, b) empty.
+    o_a, lse_a = _attend(qa, ka, va, ida, kida, pos_a, pos_a, opts)
+    o_b, lse_b = merge_partials(*_attend(qb, ka, va, idb, kida, pos_b, pos_a, opts),
+                                *_attend(qb, kb, vb, idb, kidb, pos_b, pos_b, opts))
     if not causal:
-      o_a, lse_a = merge_partials(o_a, lse_a,
-                                  *_attend(qa, ka, va, ida, kida, pos_a, kpos_a, opts))
-      o_a, lse_a = merge_partials(o_a, lse_a,
-                                  *_attend(qa, kb, vb, ida, kidb, pos_a, kpos_b, opts))
-      o_b, lse_b = merge_partials(o_b, lse_b,
-                                  *_attend(qb, kb, vb, idb, kidb, pos_b, kpos_b, opts))
-      return (kv, o_a, lse_a, o_b, lse_b), None
-    # The one other non-empty pair: (a, a_j) when j < i, else (b, b_j). Select its inputs so
-    # every device runs one chunk pair here (no device-dependent control flow).
+      o_a, lse_a = merge_partials(o_a, lse_a, *_attend(qa, kb, vb, ida, kidb, pos_a, pos_b, opts))
+  elif not causal:
+    o_a, lse_a = merge_partials(*_attend(qa, ka, va, ida, kida, pos_a, kpos_a, opts),
+                                *_attend(qa, kb, vb, ida, kidb, pos_a, kpos_b, opts))
+    o_b, lse_b = merge_partials(*_attend(qb, ka, va, idb, kida, pos_b, kpos_a, opts),
+                                *_attend(qb, kb, vb, idb, kidb, pos_b, kpos_b, opts))
+  else:
+    # Key chunk j is before both query chunks: (b, a_j) always has visible pairs. The one other
+    # non-empty pair is (a, a_j) when j < i, else (b, b_j): select its inputs so every device
+    # runs one chunk pair for it (no device-dependent control flow).
+    o_b, lse_b = _attend(qb, ka, va, idb, kida, pos_b, kpos_a, opts)
     before = j < i
     pick = lambda x, y: None if x is None else jnp.where(before, x, y)
     o_x, lse_x = _attend(pick(qa, qb), pick(ka, kb), pick(va, vb), pick(ida, idb),
                          pick(kida, kidb), jnp.where(before, pos_a, pos_b),
                          jnp.where(before, kpos_a, kpos_b), opts)
     none = jnp.full_like(lse_x, -jnp.inf)
-    o_a, lse_a = merge_partials(o_a, lse_a, o_x, jnp.where(before, lse_x, none))
+    o_a, lse_a = o_x, jnp.where(before, lse_x, none)
     o_b, lse_b = merge_partials(o_b, lse_b, o_x, jnp.where(before, none, lse_x))
-    return (kv, o_a, lse_a, o_b, lse_b), None
-
-  init = ((k, v, segment_ids), o_a, lse_a, o_b, lse_b)
-  (_, o_a, lse_a, o_b, lse_b), _ = lax.scan(zigzag_step, init, jnp.arange(1, n))
-  o = jnp.concatenate([o_a, o_b], axis=1)
-  lse = jnp.concatenate([lse_a, lse_b], axis=1)
-  return o.astype(v.dtype), lse
+  return jnp.concatenate([o_a, o_b], axis=1), jnp.concatenate([lse_a, lse_b], axis=1)
 
 
 def allgather_attention_shard(q, k, v, *, causal=True, scale=None, window=None,

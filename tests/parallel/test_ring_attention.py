@@ -52,14 +52,15 @@ def _value_and_grads(fn, q, k, v, do):
 
 
 def _check(mode, n, *, causal=True, window=None, segments=False, load_balance=True, g=2,
-           axis_type=AxisType.Auto, impl="reference"):
+           axis_type=AxisType.Auto, impl="reference", backward="autodiff"):
   q, k, v, do, ids = _inputs(g=g, segments=segments)
   mesh = _mesh(n, axis_type)
 
   def par(q, k, v):
     return ra.context_parallel_attention(q, k, v, mesh=mesh, context_parallel=mode,
                                          causal=causal, window=window, segment_ids=ids,
-                                         load_balance=load_balance, impl=impl)
+                                         load_balance=load_balance, impl=impl,
+                                         backward=backward)
 
   def ref(q, k, v):
     o, _ = attention(q, k, v, causal=causal, window=window, segment_ids=ids, impl="reference")
@@ -82,6 +83,13 @@ def _check(mode, n, *, causal=True, window=None, segments=False, load_balance=Tr
 @pytest.mark.parametrize("mode", ["ring", "allgather"])
 def test_causal_load_balanced_gqa_segments(mode, n):
   _check(mode, n, segments=True, impl="chunked")
+
+
+def test_ring_custom_vjp():
+  # The re-rotating backward: zigzag over the whole ring, and a window that stops the ring
+  # early (its K/V gradients are sent home from 2 devices away).
+  _check("ring", 4, segments=True, backward="ring", impl="chunked")
+  _check("ring", 4, window=6, g=1, backward="ring")
 
 
 @pytest.mark.parametrize("n", N)
