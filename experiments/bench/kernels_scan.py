@@ -29,6 +29,8 @@ import numpy as np
 from experiments.bench import _timing
 from kernels_pallas.linear_scan import ops as ls_kernel
 from kernels_pallas.linear_scan.kernel import ScanConfig
+from kernels_pallas.selective_scan import ops as ss_kernel
+from kernels_pallas.selective_scan.kernel import SelectiveScanConfig
 from seqmix.ops import scan
 from seqmix.ops import ssm
 from seqmix.testing import rel_err
@@ -163,6 +165,69 @@ def bench_linear_scan(limit):
     del a, x
 
 
+def _ss_inputs(key, b, t, d, n):
+  ks = jax.random.split(key, 8)
+  u = jax.random.normal(ks[0], (b, t, d), jnp.float32)
+  delta = jax.random.normal(ks[1], (b, t, d), jnp.float32) * 0.5 - 2.0
+  a = -jnp.exp(jax.random.normal(ks[2], (d, n), jnp.float32) * 0.5)
+  bm = jax.random.normal(ks[3], (b, t, n), jnp.float32)
+  cm = jax.random.normal(ks[4], (b, t, n), jnp.float32)
+  dsk = jax.random.normal(ks[5], (d,), jnp.float32)
+  bias = jax.random.normal(ks[6], (d,), jnp.float32) * 0.5
+  return u, delta, a, bm, cm, dsk, bias
+
+
+def check_selective_scan():
+  """Pallas vs reference, B=2 T=1000 D=256 N=16, softplus, bias, D skip, h0, resets."""
+  print("selective_scan check [2, 1000, 256, 16] (y, h_T, du, ddelta, dA, dB, dC, dD, dbias, "
+        "dh0):", flush=True)
+  ok = True
+  for with_reset in (False, True):
+    try:
+      b, t, d, n = 2, 1000, 256, 16
+      args = _ss_inputs(jax.random.PRNGKey(1), b, t, d, n)
+      h0 = jax.random.normal(jax.random.PRNGKey(2), (b, d, n), jnp.float32)
+      reset = (jax.random.uniform(jax.random.PRNGKey(3), (b, t)) < 0.01) if with_reset else None
+      res = {}
+      for impl in ("pallas", "reference"):
+        def f(u, dl, a, bm, cm, dsk, bias, h0, impl=impl):
+          return ssm.selective_scan(u, dl, a, bm, cm, dsk, delta_bias=bias, delta_softplus=True,
+                                    initial_state=h0, reset=reset, impl=impl)
+        res[impl] = _vjp_all(jax.jit(f), args + (h0,), 4)
+      ok &= _report(f"reset={with_reset}", res["pallas"], res["reference"])
+    except Exception:  # pylint: disable=broad-except
+      print(f"  reset={with_reset}: FAIL (exception)\n{traceback.format_exc()}", flush=True)
+      ok = False
+  return ok
+
+
+def bench_selective_scan(limit):
+  variants = {
+      "pallas": None,
+      "pallas d32 t8": SelectiveScanConfig(block_d=32, block_t=8),
+      "pallas d32 t16 w2": SelectiveScanConfig(block_d=32, block_t=16, num_warps=2),
+      "pallas d64 t8": SelectiveScanConfig(block_d=64, block_t=8),
+  }
+  for t in TS:
+    try:
+      u, delta, a, bm, cm, dsk, bias = _ss_inputs(jax.random.PRNGKey(0), B, t, D, N)
+    except Exception as e:  # pylint: disable=broad-except
+      print(f"selective_scan T={t}: inputs do not fit ({type(e).__name__}); skipped", flush=True)
+      continue
+    rows = [("chunked", lambda *v: ssm.selective_scan(
+        *v[:5], dsk, delta_bias=bias, delta_softplus=True, impl="chunked")[0])]
+    for name, cfg in variants.items():
+      if cfg is not None and t != TS[0]:
+        continue
+      rows.append((name, lambda *v, cfg=cfg: ss_kernel.selective_scan(
+          *v[:5], dsk, delta_bias=bias, delta_softplus=True, config=cfg)[0]))
+    btd, btn = B * t * D, B * t * N
+    for name, f in rows:
+      _row("selective_scan", name, t, f, _grads(f, (0, 1, 2, 3, 4)), (u, delta, a, bm, cm),
+           4 * (3 * btd + 2 * btn), 4 * (8 * btd + 6 * btn), limit)
+    del u, delta, bm, cm
+
+
 def main():
   t0 = time.time()
   dev = jax.devices()[0]
@@ -171,8 +236,11 @@ def main():
   limit = _device_bytes()
   ok = check_linear_scan()
   print(f"CHECK linear_scan: {'PASS' if ok else 'FAIL'}", flush=True)
+  ok = check_selective_scan()
+  print(f"CHECK selective_scan: {'PASS' if ok else 'FAIL'}", flush=True)
   _print_header()
   bench_linear_scan(limit)
+  bench_selective_scan(limit)
   print(f"total {time.time() - t0:.0f} s", flush=True)
 
 
