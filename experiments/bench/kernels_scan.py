@@ -1,16 +1,16 @@
 """Device check and benchmark of the scan kernels: linear_scan and selective_scan, impl="pallas".
 
-  PYTHONPATH=. python3 -m experiments.bench.kernels_scan
+  PYTHONPATH=. python3 -m experiments.bench.kernels_scan [--full]
 
 (1) Checks pallas against `reference` on the GPU at a medium shape (relative errors of the
 outputs, final state and every gradient; PASS/FAIL per op). (2) Times the jitted forward and
 forward+backward (grads of all inputs of `sum(out)`; medians of 20 after 3 warm-ups) of pallas
-and the existing fast impls at B=8, D=2048 (N=16), float32, T = 4096, 16384, 65536, with
+and the existing fast impls at B=8, D=2048 (N=16), float32, T = 4096 (with --full also 16384
+and 65536, the complex check and the block-size variants; ~90 s without, ~3 min with), with
 XLA's compiled peak-memory estimate, the memory-bound floor (bytes that must move at
-2.8e12 B/s, the measured H200 copy rate) and the achieved rate (floor bytes / time). Pallas
-block-size variants are timed side by side at T = 4096. Each row catches and prints its own
-failure; a shape whose estimate does not fit the device is skipped with a note. No flags
-(the device image has no absl flags setup of ours), ~3 minutes.
+2.8e12 B/s, the measured H200 copy rate) and the achieved rate (floor bytes / time). Each row
+catches and prints its own
+failure; a shape whose estimate does not fit the device is skipped with a note.
 
 Floors (float32 words):
   linear_scan fwd       reads a, x; writes h                              3 BTD
@@ -19,6 +19,7 @@ Floors (float32 words):
   selective_scan f+b    fwd + reads u, Δ, B, C, dy; writes du, dΔ, dB, dC  8 BTD + 6 BTN
 """
 
+import sys
 import time
 import traceback
 
@@ -40,6 +41,9 @@ B, D, N = 8, 2048, 16
 TS = (4096, 16384, 65536)
 REPS = 20
 CHECK_TOL = 1e-5  # float32 against the float32 reference
+T0 = 0.0  # start of main(), for the progress stamps
+LS_CHECK = (4, 1000, 300)  # [B, T, D] of the linear_scan check
+SS_CHECK = (2, 1000, 256, 16)  # B, T, D, N of the selective_scan check
 
 
 def _compile(fn, args):
@@ -106,27 +110,28 @@ def _vjp_all(fn, args, seed):
   return list(jax.tree.leaves(out)) + list(jax.tree.leaves(vjp(cts)))
 
 
-def check_linear_scan():
-  """Pallas vs reference on the GPU, [4, 1000, 300] real and complex, with h0."""
-  print("linear_scan check [4, 1000, 300] (h, h_T, da, dx, dh0):", flush=True)
+def check_linear_scan(kinds=("real",)):
+  """Pallas vs reference on the GPU, LS_CHECK shape, real (and complex), with h0."""
+  print(f"linear_scan check {list(LS_CHECK)} (h, h_T, da, dx, dh0):", flush=True)
   ok = True
   rng = np.random.default_rng(0)
-  shape = (4, 1000, 300)
-  for kind in ("real", "complex"):
+  shape = LS_CHECK
+  for kind in kinds:
     try:
       if kind == "real":
         a = rng.uniform(-1, 1, shape)
         a[rng.random(shape) < 0.05] = 0.0
-        x, h0 = rng.normal(size=shape), rng.normal(size=(4, 300))
+        x, h0 = rng.normal(size=shape), rng.normal(size=(shape[0], shape[2]))
         dt = jnp.float32
       else:
         a = rng.uniform(0.5, 0.999, shape) * np.exp(1j * rng.uniform(-3, 3, shape))
         x = rng.normal(size=shape) + 1j * rng.normal(size=shape)
-        h0 = rng.normal(size=(4, 300)) + 1j * rng.normal(size=(4, 300))
+        h0 = rng.normal(size=(shape[0], shape[2])) + 1j * rng.normal(size=(shape[0], shape[2]))
         dt = jnp.complex64
       args = tuple(jnp.asarray(v, dt) for v in (a, x, h0))
       res = {impl: _vjp_all(jax.jit(lambda a, x, h0, impl=impl: scan.linear_scan(
           a, x, initial_state=h0, impl=impl)), args, 1) for impl in ("pallas", "reference")}
+      print(f"    ({time.time() - T0:.0f} s)", flush=True)
       ok &= _report(kind, res["pallas"], res["reference"])
     except Exception:  # pylint: disable=broad-except
       print(f"  {kind}: FAIL (exception)\n{traceback.format_exc()}", flush=True)
@@ -134,7 +139,7 @@ def check_linear_scan():
   return ok
 
 
-def bench_linear_scan(limit):
+def bench_linear_scan(limit, full):
   key = jax.random.PRNGKey(0)
   variants = {
       "pallas": None,
@@ -144,7 +149,7 @@ def bench_linear_scan(limit):
       "pallas d64 t32": ScanConfig(block_d=64, block_t=32),
       "pallas d128 t16": ScanConfig(block_d=128, block_t=16),
   }
-  for t in TS:
+  for t in TS if full else TS[:1]:
     k1, k2 = jax.random.split(key)
     try:
       a = jax.random.uniform(k1, (B, t, D), jnp.float32, -1.0, 1.0)
@@ -154,9 +159,9 @@ def bench_linear_scan(limit):
       continue
     btd = B * t * D
     rows = [(impl, lambda a, x, impl=impl: scan.linear_scan(a, x, impl=impl)[0])
-            for impl in ("associative", "chunked")]
+            for impl in (("associative", "chunked") if full else ("associative",))]
     for name, cfg in variants.items():
-      if cfg is not None and t != TS[0]:
+      if cfg is not None and (t != TS[0] or not full):
         continue
       rows.append((name, lambda a, x, cfg=cfg: ls_kernel.linear_scan(
           a, x, jnp.zeros((a.shape[0], a.shape[2]), a.dtype), config=cfg)[0]))
@@ -177,23 +182,26 @@ def _ss_inputs(key, b, t, d, n):
   return u, delta, a, bm, cm, dsk, bias
 
 
-def check_selective_scan():
+def check_selective_scan(resets=(True,)):
   """Pallas vs reference, B=2 T=1000 D=256 N=16, softplus, bias, D skip, h0, resets."""
-  print("selective_scan check [2, 1000, 256, 16] (y, h_T, du, ddelta, dA, dB, dC, dD, dbias, "
+  print(f"selective_scan check {list(SS_CHECK)} (y, h_T, du, ddelta, dA, dB, dC, dD, dbias, "
         "dh0):", flush=True)
   ok = True
-  for with_reset in (False, True):
+  for with_reset in resets:
     try:
-      b, t, d, n = 2, 1000, 256, 16
+      b, t, d, n = SS_CHECK
       args = _ss_inputs(jax.random.PRNGKey(1), b, t, d, n)
       h0 = jax.random.normal(jax.random.PRNGKey(2), (b, d, n), jnp.float32)
-      reset = (jax.random.uniform(jax.random.PRNGKey(3), (b, t)) < 0.01) if with_reset else None
+      reset = (jax.random.uniform(jax.random.PRNGKey(3), (b, t)) < 0.02) if with_reset else None
       res = {}
       for impl in ("pallas", "reference"):
         def f(u, dl, a, bm, cm, dsk, bias, h0, impl=impl):
           return ssm.selective_scan(u, dl, a, bm, cm, dsk, delta_bias=bias, delta_softplus=True,
                                     initial_state=h0, reset=reset, impl=impl)
-        res[impl] = _vjp_all(jax.jit(f), args + (h0,), 4)
+        # The reference's einsum at full float32 (GPU default would be TF32, ~1e-3 off).
+        with jax.default_matmul_precision("highest"):
+          res[impl] = _vjp_all(jax.jit(f), args + (h0,), 4)
+      print(f"    ({time.time() - T0:.0f} s)", flush=True)
       ok &= _report(f"reset={with_reset}", res["pallas"], res["reference"])
     except Exception:  # pylint: disable=broad-except
       print(f"  reset={with_reset}: FAIL (exception)\n{traceback.format_exc()}", flush=True)
@@ -201,14 +209,14 @@ def check_selective_scan():
   return ok
 
 
-def bench_selective_scan(limit):
+def bench_selective_scan(limit, full):
   variants = {
       "pallas": None,
       "pallas d32 t8": SelectiveScanConfig(block_d=32, block_t=8),
       "pallas d32 t16 w2": SelectiveScanConfig(block_d=32, block_t=16, num_warps=2),
       "pallas d64 t8": SelectiveScanConfig(block_d=64, block_t=8),
   }
-  for t in TS:
+  for t in TS if full else TS[:1]:
     try:
       u, delta, a, bm, cm, dsk, bias = _ss_inputs(jax.random.PRNGKey(0), B, t, D, N)
     except Exception as e:  # pylint: disable=broad-except
@@ -217,7 +225,7 @@ def bench_selective_scan(limit):
     rows = [("chunked", lambda *v: ssm.selective_scan(
         *v[:5], dsk, delta_bias=bias, delta_softplus=True, impl="chunked")[0])]
     for name, cfg in variants.items():
-      if cfg is not None and t != TS[0]:
+      if cfg is not None and (t != TS[0] or not full):
         continue
       rows.append((name, lambda *v, cfg=cfg: ss_kernel.selective_scan(
           *v[:5], dsk, delta_bias=bias, delta_softplus=True, config=cfg)[0]))
@@ -228,21 +236,25 @@ def bench_selective_scan(limit):
     del u, delta, bm, cm
 
 
-def main():
-  t0 = time.time()
+def main(full: bool = False):
+  """Default: the checks and the T = 4096 rows (~90 s). full: + complex check, no-reset check,
+  T = 16384 and 65536, linear_scan chunked, the block-size variants."""
+  global T0
+  T0 = time.time()
   dev = jax.devices()[0]
   print(f"device: {dev.device_kind} ({jax.default_backend()}); jax {jax.__version__}; "
-        f"B={B} D={D} N={N} float32; floor at {BW / 1e12:.1f} TB/s", flush=True)
+        f"B={B} D={D} N={N} float32; floor at {BW / 1e12:.1f} TB/s; full={full}", flush=True)
   limit = _device_bytes()
-  ok = check_linear_scan()
+  ok = check_linear_scan(("real", "complex") if full else ("real",))
   print(f"CHECK linear_scan: {'PASS' if ok else 'FAIL'}", flush=True)
-  ok = check_selective_scan()
+  _print_header()
+  bench_linear_scan(limit, full)
+  ok = check_selective_scan((False, True) if full else (True,))
   print(f"CHECK selective_scan: {'PASS' if ok else 'FAIL'}", flush=True)
   _print_header()
-  bench_linear_scan(limit)
-  bench_selective_scan(limit)
-  print(f"total {time.time() - t0:.0f} s", flush=True)
+  bench_selective_scan(limit, full)
+  print(f"total {time.time() - T0:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
-  main()
+  main(full="--full" in sys.argv[1:])
