@@ -1,15 +1,16 @@
 """Mamba's selective scan (S6): a diagonal SSM whose step size and B/C depend on the input.
 
     selective_scan(u, delta, A, B, C, D=None, *, delta_bias=None, delta_softplus=False,
-                   initial_state=None, chunk_size=64, impl="auto") -> (y, h_T)
+                   initial_state=None, reset=None, chunk_size=64, impl="auto") -> (y, h_T)
 
     Δ_t = softplus(delta_t + delta_bias) if delta_softplus else delta_t + delta_bias   [B, D]
-    h_t = exp(Δ_t ⊗ A) ⊙ h_{t-1} + (Δ_t ⊙ u_t) ⊗ B_t                                   [B, D, N]
+    h_t = exp(Δ_t ⊗ A) ⊙ (0 if reset_t else h_{t-1}) + (Δ_t ⊙ u_t) ⊗ B_t               [B, D, N]
     y_t = h_t C_t + D ⊙ u_t                                                             [B, D]
 
 (`⊗` an outer product over the channel and state axes.) The output gate `z` of Mamba belongs
 to the mixer, not to this op. `A` is real (Mamba's `-exp(A_log)`); a step with Δ_t = 0 leaves
-the state untouched.
+the state untouched. `reset` ([B, T] bool, optional) zeroes the state before token t (packed
+documents: True at each document's first token); no gradient flows across a reset.
 
 Impls (exact names):
   reference  token-by-token `lax.scan` in float32; the oracle. Its backward keeps every h_t,
@@ -19,7 +20,12 @@ Impls (exact names):
              carried state and contracts with C_t; the chunk body is rematerialised
              (`jax.checkpoint`), so neither pass ever holds more than one chunk's [B, C, D, N]
              plus the [B, D, N] chunk-boundary states.
-  pallas     not built.
+  pallas     a Pallas kernel (`kernels_pallas/selective_scan/`): one program per (batch row,
+             block of channels) keeps its [block_d, N] state in registers for the whole
+             sequence, with Δ's bias and softplus and the D skip fused; the forward stores the
+             state only at chunk boundaries and the backward recomputes each chunk's states
+             from them and runs the reverse scan. `chunk_size` does not apply. Compiled
+             (Triton lowering) on GPU, interpret mode elsewhere (a check, not a fast path).
 
 `auto` resolves to `chunked`: its backward keeps T/C·D·N floats instead of T·D·N, and it is also
 the faster form on CPU (2 shared, loaded cores; jit fwd+bwd, B=2 T=2048 D=128 N=16 float32,
@@ -35,11 +41,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from kernels_pallas.selective_scan import ops as kernel_ops
 from seqmix.ops import _chunk
-from seqmix.ops._impl import resolve
+from seqmix.ops._impl import platform, resolve
 from seqmix.ops.scan import _associative
 
-IMPLS = {"reference": True, "chunked": True, "pallas": False}
+IMPLS = {"reference": True, "chunked": True, "pallas": True}
 AUTO = {"default": "chunked"}
 
 
@@ -50,30 +57,33 @@ def _discretise(delta_t, A, B_t, u_t):
   return d_a, d_bu
 
 
-def _reference(u, delta, A, B, C, h0):
+def _reference(u, delta, A, B, C, h0, keep):
   def step(h, inp):
-    u_t, delta_t, b_t, c_t = inp  # [b, d], [b, d], [b, n], [b, n]
+    u_t, delta_t, b_t, c_t, keep_t = inp  # [b, d], [b, d], [b, n], [b, n], [b]
     d_a, d_bu = _discretise(delta_t, A, b_t, u_t)
-    h = d_a * h + d_bu  # [b, d, n]
+    h = d_a * (keep_t[:, None, None] * h) + d_bu  # [b, d, n]
     return h, jnp.einsum("bdn,bn->bd", h, c_t)
 
-  xs = tuple(jnp.moveaxis(v, 1, 0) for v in (u, delta, B, C))  # [t, b, ...]
+  xs = tuple(jnp.moveaxis(v, 1, 0) for v in (u, delta, B, C, keep))  # [t, b, ...]
   h_last, y = lax.scan(step, h0, xs)
   return jnp.moveaxis(y, 0, 1), h_last  # [b, t, d]
 
 
-def _chunked(u, delta, A, B, C, h0, chunk_size):
+def _chunked(u, delta, A, B, C, h0, keep, chunk_size):
   c = min(int(chunk_size), u.shape[1])
-  # Padding Δ = 0 (after the bias and softplus) makes exp(ΔA) = 1 and ΔuB = 0: an identity step.
+  # Padding Δ = 0 (after the bias and softplus) makes exp(ΔA) = 1 and ΔuB = 0: an identity step
+  # (keep = 1: no reset in the padding).
   padded = [_chunk.pad_time(v, c)[0] for v in (u, delta, B, C)]
+  padded.append(_chunk.pad_time(keep, c, value=1)[0])
   t = u.shape[1]
   # [b, t, ...] -> [n_chunks, b, c, ...]
   xs = tuple(jnp.moveaxis(_chunk.to_chunks(v, c), 1, 0) for v in padded)
 
   @jax.checkpoint
   def chunk(h, inp):
-    u_c, delta_c, b_c, c_c = inp  # [b, c, d], [b, c, d], [b, c, n], [b, c, n]
+    u_c, delta_c, b_c, c_c, keep_c = inp  # [b, c, d], [b, c, d], [b, c, n], [b, c, n], [b, c]
     d_a, d_bu = _discretise(delta_c, A, b_c, u_c)  # [b, c, d, n]
+    d_a = d_a * keep_c[..., None, None]  # a reset step multiplies the carried state by 0
     hs, h = _associative(d_a, d_bu, h)
     return h, jnp.einsum("bcdn,bcn->bcd", hs, c_c)
 
@@ -84,7 +94,7 @@ def _chunked(u, delta, A, B, C, h0, chunk_size):
 
 @functools.partial(jax.jit, static_argnames=("delta_softplus", "chunk_size", "impl"))
 def selective_scan(u, delta, A, B, C, D=None, *, delta_bias=None, delta_softplus: bool = False,
-                   initial_state=None, chunk_size: int = 64, impl: str = "auto"):
+                   initial_state=None, reset=None, chunk_size: int = 64, impl: str = "auto"):
   """The selective SSM recurrence (module docstring) over time.
 
   Args:
@@ -97,8 +107,10 @@ def selective_scan(u, delta, A, B, C, D=None, *, delta_bias=None, delta_softplus
     delta_bias: [D] added to delta, or None.
     delta_softplus: apply softplus to delta + delta_bias.
     initial_state: [B, D, N] state before t = 0, zeros if None.
+    reset: [B, T] bool, True where the state is zeroed before token t (a document's first
+      token), or None (no resets).
     chunk_size: steps per chunk for impl="chunked" (any positive int).
-    impl: "reference" | "chunked" | "auto" ("pallas" is not built).
+    impl: "reference" | "chunked" | "pallas" | "auto".
 
   Returns:
     (y [B, T, D] in u's dtype, h_T [B, D, N] float32).
@@ -122,7 +134,22 @@ def selective_scan(u, delta, A, B, C, D=None, *, delta_bias=None, delta_softplus
                      "diagonal SSMs discretise in the mixer and use ops.scan.linear_scan.")
   if chunk_size < 1:
     raise ValueError(f"selective_scan: chunk_size must be a positive int; got {chunk_size}.")
+  if reset is not None and reset.shape != (b, t):
+    raise ValueError(f"selective_scan: reset must be [B, T] = {(b, t)} bool; got "
+                     f"{reset.shape=}.")
   f32 = jnp.float32
+  if initial_state is not None and initial_state.shape != (b, d, n):
+    raise ValueError(f"selective_scan: initial_state must be [B, D, N] = {(b, d, n)}; got "
+                     f"{initial_state.shape}.")
+  if impl == "pallas":
+    if t == 0:
+      h0 = jnp.zeros((b, d, n), f32) if initial_state is None else initial_state.astype(f32)
+      return jnp.zeros(u.shape, u.dtype), h0
+    y, h_last = kernel_ops.selective_scan(
+        u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=delta_softplus,
+        initial_state=initial_state, reset=reset, interpret=platform() != "gpu")
+    return y.astype(u.dtype), h_last
+  keep = jnp.ones((b, t), f32) if reset is None else 1.0 - reset.astype(f32)
   u32, delta32 = u.astype(f32), delta.astype(f32)
   if delta_bias is not None:
     delta32 = delta32 + delta_bias.astype(f32)
@@ -131,13 +158,10 @@ def selective_scan(u, delta, A, B, C, D=None, *, delta_bias=None, delta_softplus
   if initial_state is None:
     h0 = jnp.zeros((b, d, n), f32)
   else:
-    if initial_state.shape != (b, d, n):
-      raise ValueError(f"selective_scan: initial_state must be [B, D, N] = {(b, d, n)}; got "
-                       f"{initial_state.shape}.")
     h0 = initial_state.astype(f32)
   if t == 0:
     return jnp.zeros(u.shape, u.dtype), h0
-  args = (u32, delta32, A.astype(f32), B.astype(f32), C.astype(f32), h0)
+  args = (u32, delta32, A.astype(f32), B.astype(f32), C.astype(f32), h0, keep)
   if impl == "reference":
     y, h_last = _reference(*args)
   else:

@@ -14,12 +14,8 @@ U(±dt_scale/√R) ("random") or the constant dt_scale/√R ("constant"), other 
 default U(±1/√fan_in); W_out is further divided by √n_layers (mamba_ssm's `_init_weights` with
 rescale_prenorm_residual). The block has no MLP: configure the model with mlp="none".
 
-Packed documents (deviation in mechanism, not in maths): `selective_scan` has no reset input, so
-at a document's first token the mixer passes the step δ = 2³³ (Δ = 2³³ after the bias and
-softplus, exactly: the bias is below half an ulp there) and the input x·Δ_s/2³³ instead of x. Then
-exp(Δ A) underflows to 0 for any |A| > 5e-9 (e^−46 < 1e-20 below it), which is the reset, and
-Δ·x' = Δ_s·x exactly (a power-of-two scale), so the first token enters as it should. The D skip
-is added by the mixer from the unscaled x. A `reset` argument on the op would be cleaner.
+Packed documents: the mixer passes `reset` (True at each document's first token, also across a
+decoding cache's boundary) to `selective_scan`, which zeroes the state before that token.
 """
 
 import math
@@ -36,11 +32,6 @@ from seqmix.mixers.common.short_conv import ShortConv, ShortConvCache
 from seqmix.mixers.linear.mamba2 import TORCH_LINEAR_INIT, dt_bias_init
 from seqmix.ops import ssm as ssm_ops
 from seqmix.parallel import axes
-
-# Δ at a document start (see the module docstring): a power of two, so x·Δ_s/RESET_STEP·RESET_STEP
-# is exact, and large enough that exp(Δ·A) = 0 for every realistic A.
-RESET_STEP = 2.0 ** 33
-
 
 class MambaCache(NamedTuple):
   conv: ShortConvCache  # the short conv's last L−1 inputs [B, L−1, E·D] and their segment ids
@@ -158,20 +149,13 @@ class Mamba(MixerBase):
                        (d_inner, n), pd)
     d_skip = self.param("D", axes.param(nn.initializers.ones, axes.HEADS), (d_inner,), pd)
 
-    u = xs
     starts = segments.segment_starts(segment_ids,
                                      cache_last_id=None if cache is None else cache.seg)
-    if starts is not None:
-      s = starts[..., None]
-      step = jax.nn.softplus(dt + dt_bias.astype(jnp.float32))           # Δ_s  [b, t, e·d]
-      u = jnp.where(s, xs.astype(jnp.float32) * step * (1.0 / RESET_STEP),
-                    xs.astype(jnp.float32)).astype(self.dtype)
-      dt = jnp.where(s, RESET_STEP, dt)
     a = -jnp.exp(a_log.astype(jnp.float32))                              # [e·d, n]
     y, state = ssm_ops.selective_scan(
-        u, dt, a, bm, cm, None, delta_bias=dt_bias.astype(jnp.float32), delta_softplus=True,
-        initial_state=None if cache is None else cache.state, chunk_size=self.chunk_size,
-        impl=self.impl)
+        xs, dt, a, bm, cm, None, delta_bias=dt_bias.astype(jnp.float32), delta_softplus=True,
+        initial_state=None if cache is None else cache.state, reset=starts,
+        chunk_size=self.chunk_size, impl=self.impl)
     y = y.astype(jnp.float32) + d_skip.astype(jnp.float32) * xs.astype(jnp.float32)
     y = (y * jax.nn.silu(z.astype(jnp.float32))).astype(self.dtype)
     out = dense(self.d_model, nn.initializers.variance_scaling(
