@@ -1,0 +1,199 @@
+"""Pallas linear-attention kernels on the device: correctness vs the reference, then timing.
+
+  PYTHONPATH=. python3 -m experiments.bench.kernels_linear_attention
+
+(1) Correctness on this backend at a medium shape (B=2, T=1000, H=4 value heads over 2 q/k
+heads, K=V=128 and K=V=60, float32 and bfloat16, weak and strong gates with -inf resets):
+relative errors of the output, the final state and the gradients of every input against the
+float32 reference scan, PASS/FAIL against the test tolerances (float32 1e-5, bfloat16 1e-2; a
+fixed [H] gate's gradient is a sum of B·T terms and is printed for information).
+(2) Timing at B=8 T=4096 H=16 K=V=128 bf16 (and B=2 T=16384) of each issue-8 row built so far:
+pallas vs chunked, forward and forward+backward (jit, medians of 20 after warm-up), XLA's peak
+memory estimate of forward+backward, the memory-bound floor and the achieved TFLOP/s.
+(3) `time_fla`: the hook that times the matching fla kernel when `import fla` works (the lead
+times fla separately); otherwise it prints "fla not installed".
+Every row catches and prints its own exception.
+"""
+
+import functools
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+
+from experiments.bench import _timing
+from seqmix.ops import linear_attention
+from seqmix.testing import rel_err
+
+# Measured copy bandwidth of the H200 (issue 8); the floor is bytes that must move / this.
+_COPY_BYTES_PER_S = 2.8e12
+_RTOL = {"float32": 1e-5, "bfloat16": 1e-2}
+_REPS = 20
+
+
+def _gate(key, kind, strength, b, t, h):
+  shape = {"none": None, "fixed": (h,), "scalar": (b, t, h)}[kind]
+  if shape is None:
+    return None
+  x = jax.random.normal(key, shape)
+  if strength == "weak":
+    return jax.nn.log_sigmoid(x) / 16.0
+  g = jax.nn.log_sigmoid(x) / 0.05
+  return jnp.where(jax.random.uniform(jax.random.fold_in(key, 1), shape) < 0.05, -jnp.inf, g)
+
+
+def _gla_args(kind, strength, b, t, h, hk, kd, vd, dtype, seed=0):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 7)
+  q = (jax.random.normal(ks[0], (b, t, hk, kd)) / kd ** 0.25).astype(dtype)
+  k = (jax.random.normal(ks[1], (b, t, hk, kd)) / kd ** 0.25).astype(dtype)
+  v = jax.random.normal(ks[2], (b, t, h, vd)).astype(dtype)
+  g = _gate(ks[3], kind, strength, b, t, h)
+  h0 = jax.random.normal(ks[4], (b, h, kd, vd))
+  cts = (jax.random.normal(ks[5], (b, t, h, vd)).astype(dtype),
+         jax.random.normal(ks[6], (b, h, kd, vd)))
+  return (q, k, v, g, h0), cts
+
+
+def _gla(impl):
+  return lambda q, k, v, g, h0: linear_attention.gla(q, k, v, g, initial_state=h0, impl=impl)
+
+
+def _vjp_all(fn, args, cts):
+  out, vjp = jax.vjp(fn, *args)
+  return out, vjp(cts)
+
+
+_value_and_grads = jax.jit(_vjp_all, static_argnums=0)
+
+
+def check_correctness(b=2, t=1000, dims=(128, 60)):
+  """Prints one line per case; returns the number of failures."""
+  print("== correctness: pallas vs reference (rel. errors of o, state, dq, dk, dv, dg, dh0)")
+  fails = 0
+  for kd in dims:
+    for dtype in (jnp.float32, jnp.bfloat16):
+      for kind, strength in (("none", "weak"), ("fixed", "weak"), ("fixed", "strong"),
+                             ("scalar", "weak"), ("scalar", "strong")):
+        name = f"gla {kind:<6} {strength:<6} K=V={kd:<3} {jnp.dtype(dtype).name:<8}"
+        try:
+          args, cts = _gla_args(kind, strength, b, t, 4, 2, kd, kd, dtype)
+          f32 = lambda x: None if x is None else x.astype(jnp.float32)
+          ref = _value_and_grads(_gla("reference"), tuple(map(f32, args)), tuple(map(f32, cts)))
+          got = _value_and_grads(_gla("pallas"), args, cts)
+          errs = [rel_err(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref))]
+          finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(got))
+          tol = _RTOL[jnp.dtype(dtype).name]
+          checked = [e for i, e in enumerate(errs) if not (kind == "fixed" and i == 5)]
+          ok = finite and max(checked) <= tol
+          fails += not ok
+          print(f"{name} {'PASS' if ok else 'FAIL'} " + " ".join(f"{e:.1e}" for e in errs)
+                + ("" if finite else " NON-FINITE"), flush=True)
+        except Exception as e:  # pylint: disable=broad-except
+          fails += 1
+          print(f"{name} FAIL {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+          traceback.print_exc(limit=3)
+  print(f"== correctness: {'PASS' if not fails else f'{fails} FAILED'}", flush=True)
+  return fails
+
+
+def _gla_cost(b, t, h, kd, vd, chunk=64, bytes_in=2):
+  """(fwd bytes, fwd+bwd bytes, fwd flop, fwd+bwd flop) of the chunkwise form.
+
+  Bytes that must move: fwd reads q, k, v and writes o (bf16), plus the float32 gates and the
+  states in and out; the backward adds reads of q, k, v, dO and writes of dq, dk, dv.
+  Flop per token and head: fwd 2CK + 2CV (intra) + 4KV (inter, state update); the backward
+  kernel 6CK + 4CV + 10KV (incl. recomputing the chunk states).
+  """
+  act = b * t * h * kd * bytes_in
+  gate = b * t * h * 4
+  state = b * h * kd * vd * 4
+  fwd_bytes = 4 * act + gate + 2 * state
+  fb_bytes = fwd_bytes + 7 * act + 2 * gate + 2 * state
+  n = b * t * h
+  fwd_flop = n * (2 * chunk * kd + 2 * chunk * vd + 4 * kd * vd)
+  bwd_flop = n * (6 * chunk * kd + 4 * chunk * vd + 10 * kd * vd)
+  return fwd_bytes, fb_bytes, fwd_flop, fwd_flop + bwd_flop
+
+
+def time_fla(kind, b, t, h, kd, vd):
+  """fla hook (the lead times fla separately): times fla's matching kernel if installed."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+    from fla.ops.simple_gla import chunk_simple_gla  # pylint: disable=import-outside-toplevel
+  except Exception:  # pylint: disable=broad-except
+    print(f"  fla ({kind}): fla not installed", flush=True)
+    return
+  try:
+    dev = "cuda"
+    mk = lambda *s: torch.randn(*s, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    q, k, v = mk(b, t, h, kd), mk(b, t, h, kd), mk(b, t, h, vd)
+    kw = {}
+    if kind == "fixed":
+      kw["g_gamma"] = -torch.rand(h, device=dev).clamp_min(0.01)
+    elif kind == "scalar":
+      kw["g"] = torch.nn.functional.logsigmoid(torch.randn(b, t, h, device=dev)).requires_grad_()
+    fwd = lambda: chunk_simple_gla(q, k, v, **kw, output_final_state=True)
+    def fb():
+      o, _ = fwd()
+      o.sum().backward()
+    for name, fn in (("fwd", fwd), ("fwd+bwd", fb)):
+      for _ in range(3):
+        fn()
+      torch.cuda.synchronize()
+      times = []
+      for _ in range(_REPS):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+      times.sort()
+      print(f"  fla chunk_simple_gla ({kind}) {name}: {1e3 * times[len(times) // 2]:.3f} ms",
+            flush=True)
+  except Exception as e:  # pylint: disable=broad-except
+    print(f"  fla ({kind}): failed: {type(e).__name__}: {str(e).splitlines()[0][:150]}",
+          flush=True)
+
+
+def time_rows(shapes=((8, 4096), (2, 16384)), h=16, kd=128, vd=128):
+  print(f"== timing (bf16, H={h}, K=V={kd}; floor at {_COPY_BYTES_PER_S / 1e12:.1f} TB/s; "
+        f"fwd+bwd = grads of q, k, v, g, h0)")
+  print(f"{'row':<22}{'impl':<9}{'B':>3}{'T':>7} {'fwd ms':>8} {'f+b ms':>8} {'peak GiB':>9} "
+        f"{'floor f':>8} {'floor fb':>8} {'TF/s f':>7} {'TF/s fb':>7}", flush=True)
+  for b, t in shapes:
+    fb_bytes_row = None
+    for kind in ("fixed", "scalar", "none"):
+      row = {"fixed": "gla fixed [H]", "scalar": "gla scalar [B,T,H]", "none": "gla no gate"}[kind]
+      fwd_bytes, fb_bytes, fwd_flop, fb_flop = _gla_cost(b, t, h, kd, vd)
+      fb_bytes_row = fb_bytes
+      for impl in ("pallas", "chunked"):
+        try:
+          args, cts = _gla_args(kind, "weak", b, t, h, h, kd, vd, jnp.bfloat16)
+          fn = _gla(impl)
+          fwd = jax.jit(fn)
+          fb = jax.jit(functools.partial(_vjp_all, fn))
+          ms_f = _timing.median_ms(fwd, *args, reps=_REPS)
+          ms_fb = _timing.median_ms(fb, args, cts, reps=_REPS)
+          mem = _timing.peak_bytes(fb, args, cts) / 2**30
+          res = (f"{ms_f:8.3f} {ms_fb:8.3f} {mem:9.2f} "
+                 f"{fwd_bytes / _COPY_BYTES_PER_S * 1e3:8.3f} "
+                 f"{fb_bytes_row / _COPY_BYTES_PER_S * 1e3:8.3f} "
+                 f"{fwd_flop / ms_f / 1e9:7.1f} {fb_flop / ms_fb / 1e9:7.1f}")
+        except Exception as e:  # pylint: disable=broad-except
+          res = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        print(f"{row:<22}{impl:<9}{b:>3}{t:>7} {res}", flush=True)
+      if t == 4096:
+        time_fla(kind, b, t, h, kd, vd)
+
+
+def main():
+  dev = jax.devices()[0]
+  print(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}", flush=True)
+  t0 = time.perf_counter()
+  check_correctness()
+  time_rows()
+  print(f"total {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+  main()
