@@ -56,7 +56,28 @@ def _gla_args(kind, strength, b, t, h, hk, kd, vd, dtype, seed=0):
 
 
 def _gla(impl):
+  if impl.startswith("pallas:"):
+    return _gla_variant(*(int(x) for x in impl.split(":")[1:]))
   return lambda q, k, v, g, h0: linear_attention.gla(q, k, v, g, initial_state=h0, impl=impl)
+
+
+def _gla_variant(block_v, num_warps, num_stages):
+  """The pallas kernels with other static blocks ("pallas:Vb:warps:stages" rows)."""
+  from kernels_pallas.gla import ops  # pylint: disable=import-outside-toplevel
+  from seqmix.ops import _chunk  # pylint: disable=import-outside-toplevel
+
+  def fn(q, k, v, g, h0):
+    if g is not None:
+      g = jnp.broadcast_to(_chunk.clamp_log_gate(g.astype(jnp.float32)),
+                           (q.shape[0], q.shape[1], v.shape[2]))
+    return ops.gla(q, k, v, g, h0, scale=q.shape[-1] ** -0.5, block_v=block_v,
+                   num_warps=num_warps, num_stages=num_stages)
+  return fn
+
+
+# Static-block variants timed beside the default (block_v=64, num_warps=4, num_stages=2) at
+# T=4096, scalar gate only (the fixed and absent gates run the same kernels).
+_VARIANTS = ("pallas:128:8:2", "pallas:64:8:2", "pallas:32:4:2", "pallas:64:4:3")
 
 
 def _vjp_all(fn, args, cts):
@@ -158,7 +179,7 @@ def time_fla(kind, b, t, h, kd, vd):
 def time_rows(shapes=((8, 4096), (2, 16384)), h=16, kd=128, vd=128):
   print(f"== timing (bf16, H={h}, K=V={kd}; floor at {_COPY_BYTES_PER_S / 1e12:.1f} TB/s; "
         f"fwd+bwd = grads of q, k, v, g, h0)")
-  print(f"{'row':<22}{'impl':<9}{'B':>3}{'T':>7} {'fwd ms':>8} {'f+b ms':>8} {'peak GiB':>9} "
+  print(f"{'row':<22}{'impl':<15}{'B':>3}{'T':>7} {'fwd ms':>8} {'f+b ms':>8} {'peak GiB':>9} "
         f"{'floor f':>8} {'floor fb':>8} {'TF/s f':>7} {'TF/s fb':>7}", flush=True)
   for b, t in shapes:
     fb_bytes_row = None
@@ -166,7 +187,10 @@ def time_rows(shapes=((8, 4096), (2, 16384)), h=16, kd=128, vd=128):
       row = {"fixed": "gla fixed [H]", "scalar": "gla scalar [B,T,H]", "none": "gla no gate"}[kind]
       fwd_bytes, fb_bytes, fwd_flop, fb_flop = _gla_cost(b, t, h, kd, vd)
       fb_bytes_row = fb_bytes
-      for impl in ("pallas", "chunked"):
+      impls = ("pallas", "chunked")
+      if kind == "scalar" and t == 4096:
+        impls += _VARIANTS
+      for impl in impls:
         try:
           args, cts = _gla_args(kind, "weak", b, t, h, h, kd, vd, jnp.bfloat16)
           fn = _gla(impl)
@@ -181,7 +205,7 @@ def time_rows(shapes=((8, 4096), (2, 16384)), h=16, kd=128, vd=128):
                  f"{fwd_flop / ms_f / 1e9:7.1f} {fb_flop / ms_fb / 1e9:7.1f}")
         except Exception as e:  # pylint: disable=broad-except
           res = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
-        print(f"{row:<22}{impl:<9}{b:>3}{t:>7} {res}", flush=True)
+        print(f"{row:<22}{impl:<15}{b:>3}{t:>7} {res}", flush=True)
       if t == 4096:
         time_fla(kind, b, t, h, kd, vd)
 
