@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas.gla import kernel
+from kernels_pallas.gla import kernel_key
 
 _F32 = jnp.float32
 
@@ -33,18 +34,19 @@ def default_interpret() -> bool:
   return jax.default_backend() != "gpu"
 
 
-def gla(q, k, v, g, h0, *, scale, chunk_size=64, block_v=64, num_warps=4, num_stages=2,
+def gla(q, k, v, g, h0, *, scale, chunk_size=None, block_v=64, num_warps=4, num_stages=2,
         interpret=None):
-  """gla with g None or a per-head scalar gate, through the chunkwise kernels.
+  """gla through the chunkwise kernels (kernel.py; kernel_key.py for per-key gates).
 
   Args:
     q, k: `[B, T, G, K]` (G divides H).
     v: `[B, T, H, V]`.
     g: None or clamped float32 natural-log gates `[B, T, H]` (a fixed `[H]` gate broadcast by
-      the caller).
+      the caller) or `[B, T, H, K]` (per key).
     h0: float32 `[B, H, K, V]`.
     scale: output scale (a Python float).
-    chunk_size: tokens per chunk, a power of two >= 16 (shorter sequences use a smaller one).
+    chunk_size: tokens per chunk, a power of two >= 16 (shorter sequences use a smaller one);
+      None: 64, or 16 for per-key gates (their intra-chunk work grows with the chunk).
     block_v: value columns per program, a power of two >= 16.
     num_warps, num_stages: Triton launch parameters.
     interpret: None picks `default_interpret()`.
@@ -59,8 +61,12 @@ def gla(q, k, v, g, h0, *, scale, chunk_size=64, block_v=64, num_warps=4, num_st
   h, vd = v.shape[2], v.shape[3]
   if h % hk:
     raise ValueError(f"gla pallas: {q.shape=} heads must divide {v.shape=} heads.")
-  if g is not None and g.shape != (b, t, h):
-    raise ValueError(f"gla pallas: g must be None or [B, T, H] = {(b, t, h)}; got {g.shape=}.")
+  per_key = g is not None and g.ndim == 4
+  if g is not None and g.shape not in ((b, t, h), (b, t, h, kd)):
+    raise ValueError(f"gla pallas: g must be None, [B, T, H] = {(b, t, h)} or [B, T, H, K] = "
+                     f"{(b, t, h, kd)}; got {g.shape=}.")
+  if chunk_size is None:
+    chunk_size = 16 if per_key else 64
   if h0.shape != (b, h, kd, vd):
     raise ValueError(f"gla pallas: {h0.shape=} must be [B, H, K, V] = {(b, h, kd, vd)}.")
   for name, val in (("chunk_size", chunk_size), ("block_v", block_v)):
@@ -84,6 +90,10 @@ def gla(q, k, v, g, h0, *, scale, chunk_size=64, block_v=64, num_warps=4, num_st
   kpd = pad(k.astype(cdt), ((0, 0), (0, tp - t), (0, 0), (0, kp - kd)))
   vpd = pad(v.astype(cdt), ((0, 0), (0, tp - t), (0, 0), (0, vp - vd)))     # [b, tp, h, vp]
   h0p = pad(h0.astype(_F32), ((0, 0), (0, 0), (0, kp - kd), (0, vp - vd)))
+  if per_key:
+    gp = pad(g.astype(_F32), ((0, 0), (0, tp - t), (0, 0), (0, kp - kd)))      # [b, tp, h, kp]
+    o, s = _core_key(qp, kpd, vpd, gp, h0p, cfg)
+    return o[:, :t, :, :vd].astype(v.dtype), s[:, :, :kd, :vd]
   gp = None
   if g is not None:
     gp = pad(jnp.swapaxes(g.astype(_F32), 1, 2), ((0, 0), (0, 0), (0, tp - t)))  # [b, h, tp]
@@ -122,3 +132,32 @@ def _bwd(cfg, res, cts):
 
 
 _core.defvjp(_fwd, _bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _core_key(q, k, v, g, h0, cfg):
+  return kernel_key.forward(q, k, v, g, h0, scale=cfg.scale, blocks=cfg.blocks,
+                            interpret=cfg.interpret)
+
+
+def _fwd_key(q, k, v, g, h0, cfg):
+  # The states entering each chunk go to the backward: float32 for float32 inputs, else the
+  # inputs' dtype (they only feed bf16 products there).
+  o, s, states = kernel_key.forward(q, k, v, g, h0, scale=cfg.scale, blocks=cfg.blocks,
+                                    interpret=cfg.interpret, states_dtype=v.dtype)
+  return (o, s), (q, k, v, g, states)
+
+
+def _bwd_key(cfg, res, cts):
+  q, k, v, g, states = res
+  do, ds = cts
+  dq, dk, dv, dh0, dg = kernel_key.backward(q, k, v, g, states, do.astype(v.dtype),
+                                            ds.astype(_F32), scale=cfg.scale,
+                                            blocks=cfg.blocks, interpret=cfg.interpret)
+  b, t, hk, kd = q.shape
+  h = v.shape[2]
+  group = lambda x: x.reshape(b, t, hk, h // hk, kd).sum(3)                 # [b, t, g, k]
+  return group(dq).astype(q.dtype), group(dk).astype(k.dtype), dv, dg, dh0
+
+
+_core_key.defvjp(_fwd_key, _bwd_key)

@@ -14,10 +14,10 @@ Forms (`impl`):
   reference  token-by-token float32 `lax.scan` of the recurrences above: the oracle.
   chunked    chunks of C tokens: decay-masked matmuls inside a chunk, a `lax.scan` over chunks
              carrying the state, all other work as batched einsums over every chunk at once.
-  pallas     `kernels_pallas/gla` (g None, [H] or [B, T, H]): the chunkwise form in Pallas, one
+  pallas     `kernels_pallas/gla` (gla, every gate form): the chunkwise form in Pallas, one
              program per (batch, head, V block) carrying the state on chip across chunks;
-             compiled through the Triton lowering on GPU, interpret mode elsewhere. The
-             per-key gate and rwkv6 are not built in Pallas.
+             compiled through the Triton lowering on GPU, interpret mode elsewhere. rwkv6 is
+             not built in Pallas.
 
 Chunked maths. Inside a chunk (positions 0..C-1, entering state S_in), write
 seg(t, s) = g_{s+1} + ... + g_t (a direct sum of gates, never a difference of two cumsums):
@@ -81,7 +81,7 @@ def gla(q, k, v, g=None, *, scale=None, initial_state=None, chunk_size: int = 64
     scale: output scale; default `K ** -0.5`.
     initial_state: float32 `[B, H, K, V]` or None (zeros).
     chunk_size: tokens per chunk of the chunked form (16 to 128 are tested).
-    impl: "reference" | "chunked" | "pallas" (g None, [H] or [B, T, H]) | "auto".
+    impl: "reference" | "chunked" | "pallas" | "auto".
 
   Returns:
     (o `[B, T, H, V]` in the dtype of v, final state float32 `[B, H, K, V]`).
@@ -145,16 +145,14 @@ def rwkv6(r, k, v, w, u, *, scale=1.0, initial_state=None, chunk_size: int = 64,
 
 
 def _pallas(q, k, v, g, h0, scale, chunk_size):
-  """gla through kernels_pallas/gla; g None | [1, T, H] | [B, T, H] (clamped float32)."""
+  """gla through kernels_pallas/gla; g None | [1, T, H] | [B, T, H] | [B, T, H, K] (clamped)."""
   from kernels_pallas.gla import ops as gla_pallas   # kernels load only when asked for
-  if g is not None and g.ndim == 4:
-    raise NotImplementedError("gla: impl='pallas' supports g None, [H] and [B, T, H]; for a "
-                              "per-key gate [B, T, H, K] use impl='chunked' or 'reference'.")
   if g is not None:
-    g = jnp.broadcast_to(g, (q.shape[0],) + g.shape[1:])                # [b, t, h]
-  # The chunked form accepts any chunk size; the kernels need a power of two >= 16.
-  c = chunk_size if chunk_size >= 16 and not chunk_size & (chunk_size - 1) else 64
-  return gla_pallas.gla(q, k, v, g, h0, scale=scale, chunk_size=c)
+    g = jnp.broadcast_to(g, (q.shape[0],) + g.shape[1:])                # [b, t, h(, k)]
+  # The chunk_size argument tunes the chunked form; the kernels pick their own (64 tokens for
+  # scalar gates, 16 for per-key gates: kernels_pallas/gla/NOTES.md).
+  del chunk_size
+  return gla_pallas.gla(q, k, v, g, h0, scale=scale)
 
 
 def _check_qkv(op, qname, q, k, v):
