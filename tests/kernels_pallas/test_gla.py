@@ -1,6 +1,6 @@
 """kernels_pallas/gla (`gla(..., impl="pallas")`) against the float32 reference scan: outputs,
-final state and the gradients of every input (initial state included), for g None, fixed [H]
-and scalar [B, T, H] gates; awkward T and head dims, float32 and bfloat16, strong gates with
+final state and the gradients of every input (initial state included), for g None, fixed [H],
+scalar [B, T, H] and per-key [B, T, H, K] gates; awkward T and head dims, float32 and bfloat16, strong gates with
 -inf resets, grouped q/k heads.
 
 `TestGlaPallas` runs the compiled kernels (GPU only); its twin `TestGlaPallasInterpret` runs the same
@@ -25,10 +25,10 @@ B, H, V = 1, 2, 60
 _FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
-def _gates(key, kind, strength, t, dtype):
+def _gates(key, kind, strength, t, k_dim, dtype):
   """weak: log-sigmoid(N(0,1) + 3) (~ -0.05 a step); strong: log-sigmoid(N(0,1)) / 0.05 (-14 a
   step on average, down to ~ -100) with -inf resets at ~5% of the entries."""
-  shape = {"none": None, "fixed": (H,), "scalar": (B, t, H)}[kind]
+  shape = {"none": None, "fixed": (H,), "scalar": (B, t, H), "key": (B, t, H, k_dim)}[kind]
   if shape is None:
     return None
   x = jax.random.normal(key, shape)
@@ -44,7 +44,7 @@ def _inputs(kind, strength, t, k_dim, groups, dtype, with_h0, seed=0):
   q = jax.random.normal(ks[0], (B, t, groups, k_dim)).astype(dtype)
   k = jax.random.normal(ks[1], (B, t, groups, k_dim)).astype(dtype)
   v = jax.random.normal(ks[2], (B, t, H, V)).astype(dtype)
-  g = _gates(ks[3], kind, strength, t, dtype)
+  g = _gates(ks[3], kind, strength, t, k_dim, dtype)
   h0 = jax.random.normal(ks[4], (B, H, k_dim, V)) if with_h0 else None
   cts = (jax.random.normal(ks[5], (B, t, H, V)).astype(dtype),
          jax.random.normal(ks[6], (B, H, k_dim, V)))
@@ -57,7 +57,7 @@ def _pallas_fn(interpret):
     b, t, _, kd = q.shape
     h, vd = v.shape[2], v.shape[3]
     if g is not None:
-      g = jnp.broadcast_to(_chunk.clamp_log_gate(g.astype(jnp.float32)), (b, t, h))
+      g = jnp.broadcast_to(_chunk.clamp_log_gate(g.astype(jnp.float32)), (b, t, h) + g.shape[3:])
     if h0 is None:
       h0 = jnp.zeros((b, h, kd, vd), jnp.float32)
     return gla_pallas.gla(q, k, v, g, h0, scale=kd ** -0.5, interpret=interpret)
@@ -105,8 +105,10 @@ _SAMPLE = [
     ("scalar", "strong", 63, 64, jnp.bfloat16, False, 2),
     ("fixed", "weak", 256, 64, jnp.float32, True, 2),
     ("none", "weak", 63, 60, jnp.bfloat16, True, 1),
+    ("key", "strong", 100, 60, jnp.float32, True, 1),
+    ("key", "weak", 63, 64, jnp.bfloat16, False, 2),
 ]
-_GRID = [c for c in itertools.product(("none", "fixed", "scalar"), ("weak", "strong"),
+_GRID = [c for c in itertools.product(("none", "fixed", "scalar", "key"), ("weak", "strong"),
                                       (63, 100, 256), (60, 64), (jnp.float32, jnp.bfloat16),
                                       (False, True), (1, 2))
          if not (c[0] == "none" and c[1] == "strong")]
@@ -132,19 +134,20 @@ class TestGlaPallas:
                                               groups):
     _check(_pallas_fn(self.INTERPRET), kind, strength, t, k_dim, dtype, with_h0, groups)
 
-  def test_chunk_and_block_sizes(self):
-    """Other static blocks (chunk 16, V blocks of 16 with V = 60: four programs per head)."""
-    args, cts = _inputs("scalar", "strong", 40, 60, 1, jnp.float32, True)
-    base = _pallas_fn(self.INTERPRET)
+  @pytest.mark.parametrize("kind,chunk", [pytest.param("scalar", 16, marks=pytest.mark.slow),
+                                          ("key", 32)])
+  def test_chunk_and_block_sizes(self, kind, chunk):
+    """Other static blocks: V blocks of 16 with V = 60 (four programs per head, their dq, dk,
+    dg parts summed), chunk 16 for the scalar gate and 32 for the per-key gate (defaults 64
+    and 16)."""
+    args, cts = _inputs(kind, "strong", 40, 60, 1, jnp.float32, True)
 
     def fn(q, k, v, g, h0):
-      g = jnp.broadcast_to(_chunk.clamp_log_gate(g), (B, q.shape[1], H))
-      return gla_pallas.gla(q, k, v, g, h0, scale=60 ** -0.5, chunk_size=16, block_v=16,
-                            interpret=self.INTERPRET)
-    del base
+      return gla_pallas.gla(q, k, v, _chunk.clamp_log_gate(g), h0, scale=60 ** -0.5,
+                            chunk_size=chunk, block_v=16, interpret=self.INTERPRET)
     ref_out, ref_grads = _run(_reference_fn, args, cts)
     out, grads = _run(fn, args, cts)
-    assert_trees_rel_close((out, grads), (ref_out, ref_grads), RTOL["float32"], "blocks")
+    assert_trees_rel_close((out, grads), (ref_out, ref_grads), RTOL["float32"], kind)
 
 
 class TestGlaPallasInterpret(TestGlaPallas):
@@ -157,13 +160,6 @@ def test_dispatch_runs_the_kernel():
   got = jax.jit(functools.partial(gla, impl="pallas"))(q, k, v, g, initial_state=h0)
   want = gla(q, k, v, g, initial_state=h0, impl="reference")
   assert_trees_rel_close(got, want, RTOL["float32"], "gla pallas")
-
-
-def test_per_key_gate_not_built_in_pallas():
-  q = jnp.zeros((1, 4, 1, 16))
-  v = jnp.zeros((1, 4, 1, 16))
-  with pytest.raises(NotImplementedError, match="chunked"):
-    gla(q, q, v, jnp.zeros((1, 4, 1, 16)), impl="pallas")
 
 
 @pytest.mark.parametrize("bad,match", [({"chunk_size": 48}, "power of two"),
