@@ -8,7 +8,8 @@ relative errors of the output, the final state and the gradients of every input 
 float32 reference scan, PASS/FAIL against the test tolerances (float32 1e-5, bfloat16 1e-2; a
 fixed [H] gate's gradient is a sum of B·T terms and is printed for information).
 (2) Timing at B=8 T=4096 H=16 K=V=128 bf16 (and B=2 T=16384) of each issue-8 row built so far:
-pallas vs chunked, forward and forward+backward (jit, medians of 20 after warm-up), XLA's peak
+pallas (default blocks, and at T=4096 static-block variants "pallas:Vb:warps:stages:chunk") vs
+chunked, forward and forward+backward (jit, medians of 20 after warm-up), XLA's peak
 memory estimate of forward+backward, the memory-bound floor and the achieved TFLOP/s.
 (3) `time_fla`: the hook that times the matching fla kernel when `import fla` works (the lead
 times fla separately); otherwise it prints "fla not installed".
@@ -32,8 +33,8 @@ _RTOL = {"float32": 1e-5, "bfloat16": 1e-2}
 _REPS = 20
 
 
-def _gate(key, kind, strength, b, t, h):
-  shape = {"none": None, "fixed": (h,), "scalar": (b, t, h)}[kind]
+def _gate(key, kind, strength, b, t, h, kd):
+  shape = {"none": None, "fixed": (h,), "scalar": (b, t, h), "key": (b, t, h, kd)}[kind]
   if shape is None:
     return None
   x = jax.random.normal(key, shape)
@@ -48,7 +49,7 @@ def _gla_args(kind, strength, b, t, h, hk, kd, vd, dtype, seed=0):
   q = (jax.random.normal(ks[0], (b, t, hk, kd)) / kd ** 0.25).astype(dtype)
   k = (jax.random.normal(ks[1], (b, t, hk, kd)) / kd ** 0.25).astype(dtype)
   v = jax.random.normal(ks[2], (b, t, h, vd)).astype(dtype)
-  g = _gate(ks[3], kind, strength, b, t, h)
+  g = _gate(ks[3], kind, strength, b, t, h, kd)
   h0 = jax.random.normal(ks[4], (b, h, kd, vd))
   cts = (jax.random.normal(ks[5], (b, t, h, vd)).astype(dtype),
          jax.random.normal(ks[6], (b, h, kd, vd)))
@@ -61,23 +62,25 @@ def _gla(impl):
   return lambda q, k, v, g, h0: linear_attention.gla(q, k, v, g, initial_state=h0, impl=impl)
 
 
-def _gla_variant(block_v, num_warps, num_stages):
-  """The pallas kernels with other static blocks ("pallas:Vb:warps:stages" rows)."""
+def _gla_variant(block_v, num_warps, num_stages, chunk):
+  """The pallas kernels with other static blocks ("pallas:Vb:warps:stages:chunk" rows)."""
   from kernels_pallas.gla import ops  # pylint: disable=import-outside-toplevel
   from seqmix.ops import _chunk  # pylint: disable=import-outside-toplevel
 
   def fn(q, k, v, g, h0):
     if g is not None:
       g = jnp.broadcast_to(_chunk.clamp_log_gate(g.astype(jnp.float32)),
-                           (q.shape[0], q.shape[1], v.shape[2]))
+                           (q.shape[0], q.shape[1], v.shape[2]) + g.shape[3:])
     return ops.gla(q, k, v, g, h0, scale=q.shape[-1] ** -0.5, block_v=block_v,
-                   num_warps=num_warps, num_stages=num_stages)
+                   num_warps=num_warps, num_stages=num_stages, chunk_size=chunk)
   return fn
 
 
 # Static-block variants timed beside the default (block_v=64, num_warps=4, num_stages=2) at
 # T=4096, scalar gate only (the fixed and absent gates run the same kernels).
-_VARIANTS = ("pallas:128:8:2", "pallas:64:8:2", "pallas:32:4:2", "pallas:64:4:3")
+_VARIANTS = ("pallas:128:8:2:64", "pallas:64:8:2:64", "pallas:32:4:2:64", "pallas:64:4:3:64")
+# Per-key gate: V blocks and chunk sizes (default 64:4:2:16).
+_KEY_VARIANTS = ("pallas:128:8:2:16", "pallas:64:4:2:32", "pallas:32:4:2:16")
 
 
 def _vjp_all(fn, args, cts):
@@ -95,7 +98,8 @@ def check_correctness(b=2, t=1000, dims=(128, 60)):
   for kd in dims:
     for dtype in (jnp.float32, jnp.bfloat16):
       for kind, strength in (("none", "weak"), ("fixed", "weak"), ("fixed", "strong"),
-                             ("scalar", "weak"), ("scalar", "strong")):
+                             ("scalar", "weak"), ("scalar", "strong"), ("key", "weak"),
+                             ("key", "strong")):
         name = f"gla {kind:<6} {strength:<6} K=V={kd:<3} {jnp.dtype(dtype).name:<8}"
         try:
           args, cts = _gla_args(kind, strength, b, t, 4, 2, kd, kd, dtype)
@@ -118,16 +122,18 @@ def check_correctness(b=2, t=1000, dims=(128, 60)):
   return fails
 
 
-def _gla_cost(b, t, h, kd, vd, chunk=64, bytes_in=2):
+def _gla_cost(b, t, h, kd, vd, chunk=64, bytes_in=2, per_key=False):
   """(fwd bytes, fwd+bwd bytes, fwd flop, fwd+bwd flop) of the chunkwise form.
 
   Bytes that must move: fwd reads q, k, v and writes o (bf16), plus the float32 gates and the
   states in and out; the backward adds reads of q, k, v, dO and writes of dq, dk, dv.
   Flop per token and head: fwd 2CK + 2CV (intra) + 4KV (inter, state update); the backward
-  kernel 6CK + 4CV + 10KV (incl. recomputing the chunk states).
+  kernel 6CK + 4CV + 10KV (incl. recomputing the chunk states). Per-key gates: the gate is a
+  float32 [B, T, H, K] tensor (read in the forward; read, and its cotangent written, in the
+  backward) and C = 16.
   """
   act = b * t * h * kd * bytes_in
-  gate = b * t * h * 4
+  gate = b * t * h * (kd if per_key else 1) * 4
   state = b * h * kd * vd * 4
   fwd_bytes = 4 * act + gate + 2 * state
   fb_bytes = fwd_bytes + 7 * act + 2 * gate + 2 * state
@@ -141,6 +147,7 @@ def time_fla(kind, b, t, h, kd, vd):
   """fla hook (the lead times fla separately): times fla's matching kernel if installed."""
   try:
     import torch  # pylint: disable=import-outside-toplevel
+    from fla.ops.gla import chunk_gla  # pylint: disable=import-outside-toplevel
     from fla.ops.simple_gla import chunk_simple_gla  # pylint: disable=import-outside-toplevel
   except Exception:  # pylint: disable=broad-except
     print(f"  fla ({kind}): fla not installed", flush=True)
@@ -154,7 +161,11 @@ def time_fla(kind, b, t, h, kd, vd):
       kw["g_gamma"] = -torch.rand(h, device=dev).clamp_min(0.01)
     elif kind == "scalar":
       kw["g"] = torch.nn.functional.logsigmoid(torch.randn(b, t, h, device=dev)).requires_grad_()
-    fwd = lambda: chunk_simple_gla(q, k, v, **kw, output_final_state=True)
+    if kind == "key":
+      gk = torch.nn.functional.logsigmoid(torch.randn(b, t, h, kd, device=dev)).requires_grad_()
+      fwd = lambda: chunk_gla(q, k, v, gk, output_final_state=True)
+    else:
+      fwd = lambda: chunk_simple_gla(q, k, v, **kw, output_final_state=True)
     def fb():
       o, _ = fwd()
       o.sum().backward()
@@ -169,7 +180,7 @@ def time_fla(kind, b, t, h, kd, vd):
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
       times.sort()
-      print(f"  fla chunk_simple_gla ({kind}) {name}: {1e3 * times[len(times) // 2]:.3f} ms",
+      print(f"  fla {'chunk_gla' if kind == 'key' else 'chunk_simple_gla'} ({kind}) {name}: {1e3 * times[len(times) // 2]:.3f} ms",
             flush=True)
   except Exception as e:  # pylint: disable=broad-except
     print(f"  fla ({kind}): failed: {type(e).__name__}: {str(e).splitlines()[0][:150]}",
@@ -183,13 +194,17 @@ def time_rows(shapes=((8, 4096), (2, 16384)), h=16, kd=128, vd=128):
         f"{'floor f':>8} {'floor fb':>8} {'TF/s f':>7} {'TF/s fb':>7}", flush=True)
   for b, t in shapes:
     fb_bytes_row = None
-    for kind in ("fixed", "scalar", "none"):
-      row = {"fixed": "gla fixed [H]", "scalar": "gla scalar [B,T,H]", "none": "gla no gate"}[kind]
-      fwd_bytes, fb_bytes, fwd_flop, fb_flop = _gla_cost(b, t, h, kd, vd)
+    for kind in ("fixed", "scalar", "key", "none"):
+      row = {"fixed": "gla fixed [H]", "scalar": "gla scalar [B,T,H]", "none": "gla no gate",
+             "key": "gla per-key"}[kind]
+      fwd_bytes, fb_bytes, fwd_flop, fb_flop = _gla_cost(
+          b, t, h, kd, vd, chunk=16 if kind == "key" else 64, per_key=kind == "key")
       fb_bytes_row = fb_bytes
       impls = ("pallas", "chunked")
       if kind == "scalar" and t == 4096:
         impls += _VARIANTS
+      if kind == "key" and t == 4096:
+        impls += _KEY_VARIANTS
       for impl in impls:
         try:
           args, cts = _gla_args(kind, "weak", b, t, h, h, kd, vd, jnp.bfloat16)

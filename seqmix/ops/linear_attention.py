@@ -16,8 +16,8 @@ Forms (`impl`):
              carrying the state, all other work as batched einsums over every chunk at once.
   pallas     `kernels_pallas/gla` (gla, every gate form): the chunkwise form in Pallas, one
              program per (batch, head, V block) carrying the state on chip across chunks;
-             compiled through the Triton lowering on GPU, interpret mode elsewhere. rwkv6 is
-             not built in Pallas.
+             compiled through the Triton lowering on GPU, interpret mode elsewhere;
+             `kernels_pallas/rwkv6` for rwkv6 (the per-key kernels, read before write, bonus).
 
 Chunked maths. Inside a chunk (positions 0..C-1, entering state S_in), write
 seg(t, s) = g_{s+1} + ... + g_t (a direct sum of gates, never a difference of two cumsums):
@@ -53,7 +53,7 @@ from seqmix.ops import _chunk
 from seqmix.ops._impl import resolve
 
 _AVAILABLE = {"reference": True, "chunked": True, "pallas": True}
-_AVAILABLE_RWKV6 = {"reference": True, "chunked": True, "pallas": False}
+_AVAILABLE_RWKV6 = {"reference": True, "chunked": True, "pallas": True}
 _AUTO = {"default": "chunked"}
 
 # Largest sub-chunk of the per-key form: its diagonal blocks hold a [c, c, K] float32 tensor
@@ -119,7 +119,7 @@ def rwkv6(r, k, v, w, u, *, scale=1.0, initial_state=None, chunk_size: int = 64,
     scale: output scale; default 1.0 (as RWKV layers use).
     initial_state: float32 `[B, H, K, V]` or None (zeros).
     chunk_size: tokens per chunk of the chunked form (16 to 128 are tested).
-    impl: "reference" | "chunked" | "pallas" (not built) | "auto".
+    impl: "reference" | "chunked" | "pallas" | "auto".
 
   Returns:
     (o `[B, T, H, V]` in the dtype of v, final state float32 `[B, H, K, V]`).
@@ -141,6 +141,9 @@ def rwkv6(r, k, v, w, u, *, scale=1.0, initial_state=None, chunk_size: int = 64,
   u = u.astype(_F32)
   if impl == "reference":
     return _reference(r, k, v, w, h0, scale, bonus=u)
+  if impl == "pallas":
+    from kernels_pallas.rwkv6 import ops as rwkv6_pallas   # kernels load only when asked for
+    return rwkv6_pallas.rwkv6(r, k, v, w, u, h0, scale=scale)
   return _chunked_per_key(r, k, v, w, h0, scale, chunk_size, bonus=u)
 
 
