@@ -118,8 +118,46 @@ def check_correctness(b=2, t=1000, dims=(128, 60)):
           fails += 1
           print(f"{name} FAIL {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
           traceback.print_exc(limit=3)
+  for kd in dims:
+    for dtype in (jnp.float32, jnp.bfloat16):
+      for strength in ("weak", "strong"):
+        name = f"rwkv6  {strength:<6}        K=V={kd:<3} {jnp.dtype(dtype).name:<8}"
+        try:
+          args, cts = _rwkv6_args(strength, b, t, 4, kd, kd, dtype)
+          f32 = lambda x: x.astype(jnp.float32)
+          ref = _value_and_grads(_rwkv6("reference"), tuple(map(f32, args)),
+                                 tuple(map(f32, cts)))
+          got = _value_and_grads(_rwkv6("pallas"), args, cts)
+          errs = [rel_err(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref))]
+          finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(got))
+          ok = finite and max(errs) <= _RTOL[jnp.dtype(dtype).name]
+          fails += not ok
+          print(f"{name} {'PASS' if ok else 'FAIL'} " + " ".join(f"{e:.1e}" for e in errs)
+                + ("" if finite else " NON-FINITE"), flush=True)
+        except Exception as e:  # pylint: disable=broad-except
+          fails += 1
+          print(f"{name} FAIL {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+          traceback.print_exc(limit=3)
   print(f"== correctness: {'PASS' if not fails else f'{fails} FAILED'}", flush=True)
   return fails
+
+
+def _rwkv6_args(strength, b, t, h, kd, vd, dtype, seed=0):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 8)
+  r = (jax.random.normal(ks[0], (b, t, h, kd)) / kd ** 0.25).astype(dtype)
+  k = (jax.random.normal(ks[1], (b, t, h, kd)) / kd ** 0.25).astype(dtype)
+  v = jax.random.normal(ks[2], (b, t, h, vd)).astype(dtype)
+  w = _gate(ks[3], "key", strength, b, t, h, kd)
+  u = 0.5 * jax.random.normal(ks[4], (h, kd))
+  h0 = jax.random.normal(ks[5], (b, h, kd, vd))
+  cts = (jax.random.normal(ks[6], (b, t, h, vd)).astype(dtype),
+         jax.random.normal(ks[7], (b, h, kd, vd)))
+  return (r, k, v, w, u, h0), cts
+
+
+def _rwkv6(impl):
+  return lambda r, k, v, w, u, h0: linear_attention.rwkv6(r, k, v, w, u, initial_state=h0,
+                                                          impl=impl)
 
 
 def _gla_cost(b, t, h, kd, vd, chunk=64, bytes_in=2, per_key=False):
@@ -189,16 +227,17 @@ def time_fla(kind, b, t, h, kd, vd):
 
 def time_rows(shapes=((8, 4096), (2, 16384)), h=16, kd=128, vd=128):
   print(f"== timing (bf16, H={h}, K=V={kd}; floor at {_COPY_BYTES_PER_S / 1e12:.1f} TB/s; "
-        f"fwd+bwd = grads of q, k, v, g, h0)")
+        f"fwd+bwd = grads of every input)")
   print(f"{'row':<22}{'impl':<15}{'B':>3}{'T':>7} {'fwd ms':>8} {'f+b ms':>8} {'peak GiB':>9} "
         f"{'floor f':>8} {'floor fb':>8} {'TF/s f':>7} {'TF/s fb':>7}", flush=True)
   for b, t in shapes:
     fb_bytes_row = None
-    for kind in ("fixed", "scalar", "key", "none"):
+    for kind in ("fixed", "scalar", "key", "rwkv6", "none"):
       row = {"fixed": "gla fixed [H]", "scalar": "gla scalar [B,T,H]", "none": "gla no gate",
-             "key": "gla per-key"}[kind]
+             "key": "gla per-key", "rwkv6": "rwkv6"}[kind]
       fwd_bytes, fb_bytes, fwd_flop, fb_flop = _gla_cost(
-          b, t, h, kd, vd, chunk=16 if kind == "key" else 64, per_key=kind == "key")
+          b, t, h, kd, vd, chunk=16 if kind in ("key", "rwkv6") else 64,
+          per_key=kind in ("key", "rwkv6"))
       fb_bytes_row = fb_bytes
       impls = ("pallas", "chunked")
       if kind == "scalar" and t == 4096:
@@ -207,8 +246,12 @@ def time_rows(shapes=((8, 4096), (2, 16384)), h=16, kd=128, vd=128):
         impls += _KEY_VARIANTS
       for impl in impls:
         try:
-          args, cts = _gla_args(kind, "weak", b, t, h, h, kd, vd, jnp.bfloat16)
-          fn = _gla(impl)
+          if kind == "rwkv6":
+            args, cts = _rwkv6_args("weak", b, t, h, kd, vd, jnp.bfloat16)
+            fn = _rwkv6(impl)
+          else:
+            args, cts = _gla_args(kind, "weak", b, t, h, h, kd, vd, jnp.bfloat16)
+            fn = _gla(impl)
           fwd = jax.jit(fn)
           fb = jax.jit(functools.partial(_vjp_all, fn))
           ms_f = _timing.median_ms(fwd, *args, reps=_REPS)
@@ -221,8 +264,10 @@ def time_rows(shapes=((8, 4096), (2, 16384)), h=16, kd=128, vd=128):
         except Exception as e:  # pylint: disable=broad-except
           res = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
         print(f"{row:<22}{impl:<15}{b:>3}{t:>7} {res}", flush=True)
-      if t == 4096:
+      if t == 4096 and kind != "rwkv6":
         time_fla(kind, b, t, h, kd, vd)
+      elif t == 4096:
+        print("  fla chunk_rwkv6: not hooked here (the lead times fla separately)", flush=True)
 
 
 def main():
