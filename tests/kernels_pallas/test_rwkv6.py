@@ -61,7 +61,12 @@ def _run(fn, args, cts):
     out, vjp = jax.vjp(fn, *args)
     return out, vjp(cts)
   jitted = jax.jit(value_and_grads)
-  return jitted.lower(args, cts).compile(compiler_options=_FAST_COMPILE)(args, cts)
+  # The oracle at full float32 precision on every backend (GPUs default to TF32); the kernels
+  # choose their own dot precision.
+  with jax.default_matmul_precision("highest"):
+    if jax.default_backend() != "cpu":
+      return jitted(args, cts)
+    return jitted.lower(args, cts).compile(compiler_options=_FAST_COMPILE)(args, cts)
 
 
 def _check(fn, strength, t, k_dim, dtype, with_h0):
@@ -98,6 +103,9 @@ class TestRwkv6Pallas:
   @pytest.mark.slow
   @pytest.mark.parametrize(_AXES, _GRID)
   def test_pallas_matches_reference_full_grid(self, strength, t, k_dim, dtype, with_h0):
+    if not self.INTERPRET:
+      pytest.skip("the GPU runs the sampled grid (device time is scarce); the full grid runs "
+                  "in interpret mode")
     _check(_pallas_fn(self.INTERPRET), strength, t, k_dim, dtype, with_h0)
 
   @pytest.mark.slow
