@@ -100,7 +100,8 @@ _value_and_grads = jax.jit(_vjp_all, static_argnums=0)
 # (op, gate kind, strength, K = V, dtype): the default run's correctness cases; --full adds
 # every combination of {none, fixed, scalar, key, rwkv6} x {weak, strong} x {128, 60} x dtypes.
 _CASES = [("gla", "none", "weak", 128, jnp.bfloat16), ("gla", "fixed", "strong", 128, jnp.float32),
-          ("gla", "scalar", "strong", 128, jnp.float32), ("gla", "scalar", "weak", 60, jnp.bfloat16),
+          ("gla", "scalar", "strong", 128, jnp.float32),
+          ("gla", "scalar", "weak", 60, jnp.bfloat16),
           ("gla", "key", "strong", 128, jnp.float32), ("gla", "key", "weak", 60, jnp.bfloat16),
           ("rwkv6", "key", "strong", 60, jnp.float32), ("rwkv6", "key", "weak", 128, jnp.bfloat16)]
 
@@ -226,7 +227,8 @@ def time_fla(kind, b, t, h, kd, vd):
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
       times.sort()
-      print(f"  fla {'chunk_gla' if kind == 'key' else 'chunk_simple_gla'} ({kind}) {name}: {1e3 * times[len(times) // 2]:.3f} ms",
+      fla_name = "chunk_gla" if kind == "key" else "chunk_simple_gla"
+      print(f"  fla {fla_name} ({kind}) {name}: {1e3 * times[len(times) // 2]:.3f} ms",
             flush=True)
   except Exception as e:  # pylint: disable=broad-except
     print(f"  fla ({kind}): failed: {type(e).__name__}: {str(e).splitlines()[0][:150]}",

@@ -1,10 +1,11 @@
 """kernels_pallas/gla (`gla(..., impl="pallas")`) against the float32 reference scan: outputs,
 final state and the gradients of every input (initial state included), for g None, fixed [H],
-scalar [B, T, H] and per-key [B, T, H, K] gates; awkward T and head dims, float32 and bfloat16, strong gates with
--inf resets, grouped q/k heads.
+scalar [B, T, H] and per-key [B, T, H, K] gates; awkward T and head dims, float32 and bfloat16,
+strong gates with -inf resets, grouped q/k heads.
 
-`TestGlaPallas` runs the compiled kernels (GPU only); its twin `TestGlaPallasInterpret` runs the same
-bodies in interpret mode on the CPU (the default suite samples the grid; the full grid is slow).
+`TestGlaPallas` runs the compiled kernels (GPU only); its twin `TestGlaPallasInterpret` runs the
+same bodies in interpret mode on the CPU (the default suite samples the grid; the full grid is
+slow).
 """
 
 import functools
