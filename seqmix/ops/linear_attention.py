@@ -14,7 +14,10 @@ Forms (`impl`):
   reference  token-by-token float32 `lax.scan` of the recurrences above: the oracle.
   chunked    chunks of C tokens: decay-masked matmuls inside a chunk, a `lax.scan` over chunks
              carrying the state, all other work as batched einsums over every chunk at once.
-  pallas     not built.
+  pallas     `kernels_pallas/gla` (gla, every gate form): the chunkwise form in Pallas, one
+             program per (batch, head, V block) carrying the state on chip across chunks;
+             compiled through the Triton lowering on GPU, interpret mode elsewhere;
+             `kernels_pallas/rwkv6` for rwkv6 (the per-key kernels, read before write, bonus).
 
 Chunked maths. Inside a chunk (positions 0..C-1, entering state S_in), write
 seg(t, s) = g_{s+1} + ... + g_t (a direct sum of gates, never a difference of two cumsums):
@@ -49,7 +52,8 @@ from jax import lax
 from seqmix.ops import _chunk
 from seqmix.ops._impl import resolve
 
-_AVAILABLE = {"reference": True, "chunked": True, "pallas": False}
+_AVAILABLE = {"reference": True, "chunked": True, "pallas": True}
+_AVAILABLE_RWKV6 = {"reference": True, "chunked": True, "pallas": True}
 _AUTO = {"default": "chunked"}
 
 # Largest sub-chunk of the per-key form: its diagonal blocks hold a [c, c, K] float32 tensor
@@ -77,7 +81,7 @@ def gla(q, k, v, g=None, *, scale=None, initial_state=None, chunk_size: int = 64
     scale: output scale; default `K ** -0.5`.
     initial_state: float32 `[B, H, K, V]` or None (zeros).
     chunk_size: tokens per chunk of the chunked form (16 to 128 are tested).
-    impl: "reference" | "chunked" | "pallas" (not built) | "auto".
+    impl: "reference" | "chunked" | "pallas" | "auto".
 
   Returns:
     (o `[B, T, H, V]` in the dtype of v, final state float32 `[B, H, K, V]`).
@@ -93,6 +97,8 @@ def gla(q, k, v, g=None, *, scale=None, initial_state=None, chunk_size: int = 64
   g = _gla_gate(g, b, t, h, kd)
   if impl == "reference":
     return _reference(q, k, v, g, h0, scale, bonus=None)
+  if impl == "pallas":
+    return _pallas(q, k, v, g, h0, scale, chunk_size)
   if g is not None and g.ndim == 4:
     return _chunked_per_key(q, k, v, g, h0, scale, chunk_size, bonus=None)
   return _chunked_scalar(q, k, v, g, h0, scale, chunk_size)
@@ -113,14 +119,14 @@ def rwkv6(r, k, v, w, u, *, scale=1.0, initial_state=None, chunk_size: int = 64,
     scale: output scale; default 1.0 (as RWKV layers use).
     initial_state: float32 `[B, H, K, V]` or None (zeros).
     chunk_size: tokens per chunk of the chunked form (16 to 128 are tested).
-    impl: "reference" | "chunked" | "pallas" (not built) | "auto".
+    impl: "reference" | "chunked" | "pallas" | "auto".
 
   Returns:
     (o `[B, T, H, V]` in the dtype of v, final state float32 `[B, H, K, V]`).
   """
   _check_qkv("rwkv6", "r", r, k, v)
   _check_chunk("rwkv6", chunk_size)
-  impl = resolve("rwkv6", impl, _AVAILABLE, _AUTO)
+  impl = resolve("rwkv6", impl, _AVAILABLE_RWKV6, _AUTO)
   b, t, hk, kd = r.shape
   h = v.shape[2]
   if hk != h:
@@ -135,7 +141,21 @@ def rwkv6(r, k, v, w, u, *, scale=1.0, initial_state=None, chunk_size: int = 64,
   u = u.astype(_F32)
   if impl == "reference":
     return _reference(r, k, v, w, h0, scale, bonus=u)
+  if impl == "pallas":
+    from kernels_pallas.rwkv6 import ops as rwkv6_pallas   # kernels load only when asked for
+    return rwkv6_pallas.rwkv6(r, k, v, w, u, h0, scale=scale)
   return _chunked_per_key(r, k, v, w, h0, scale, chunk_size, bonus=u)
+
+
+def _pallas(q, k, v, g, h0, scale, chunk_size):
+  """gla through kernels_pallas/gla; g None | [1, T, H] | [B, T, H] | [B, T, H, K] (clamped)."""
+  from kernels_pallas.gla import ops as gla_pallas   # kernels load only when asked for
+  if g is not None:
+    g = jnp.broadcast_to(g, (q.shape[0],) + g.shape[1:])                # [b, t, h(, k)]
+  # The chunk_size argument tunes the chunked form; the kernels pick their own (64 tokens for
+  # scalar gates, 16 for per-key gates: kernels_pallas/gla/NOTES.md).
+  del chunk_size
+  return gla_pallas.gla(q, k, v, g, h0, scale=scale)
 
 
 def _check_qkv(op, qname, q, k, v):

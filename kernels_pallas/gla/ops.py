@@ -1,0 +1,163 @@
+"""Public entry of the gla Pallas kernels: shape checks, padding, `jax.custom_vjp`.
+
+Reached only through `seqmix.ops.linear_attention.gla(..., impl="pallas")`.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from kernels_pallas.gla import kernel
+from kernels_pallas.gla import kernel_key
+
+_F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  scale: float
+  blocks: kernel.Blocks
+  interpret: bool
+
+
+def _pow2_at_least(n, floor=16):
+  p = floor
+  while p < n:
+    p *= 2
+  return p
+
+
+def default_interpret() -> bool:
+  """Compiled (Triton lowering) on GPU; interpret mode everywhere else (CPU CI)."""
+  return jax.default_backend() != "gpu"
+
+
+def gla(q, k, v, g, h0, *, scale, chunk_size=None, block_v=64, num_warps=4, num_stages=2,
+        interpret=None):
+  """gla through the chunkwise kernels (kernel.py; kernel_key.py for per-key gates).
+
+  Args:
+    q, k: `[B, T, G, K]` (G divides H).
+    v: `[B, T, H, V]`.
+    g: None or clamped float32 natural-log gates `[B, T, H]` (a fixed `[H]` gate broadcast by
+      the caller) or `[B, T, H, K]` (per key).
+    h0: float32 `[B, H, K, V]`.
+    scale: output scale (a Python float).
+    chunk_size: tokens per chunk, a power of two >= 16 (shorter sequences use a smaller one);
+      None: 64, or 16 for per-key gates (their intra-chunk work grows with the chunk).
+    block_v: value columns per program, a power of two >= 16.
+    num_warps, num_stages: Triton launch parameters.
+    interpret: None picks `default_interpret()`.
+
+  Returns:
+    (o `[B, T, H, V]` in v's dtype, final state float32 `[B, H, K, V]`).
+  """
+  if q.ndim != 4 or q.shape != k.shape or v.ndim != 4 or v.shape[:2] != q.shape[:2]:
+    raise ValueError(f"gla pallas: q, k must be [B, T, G, K] and v [B, T, H, V]; got "
+                     f"{q.shape=}, {k.shape=}, {v.shape=}.")
+  b, t, hk, kd = q.shape
+  h, vd = v.shape[2], v.shape[3]
+  if h % hk:
+    raise ValueError(f"gla pallas: {q.shape=} heads must divide {v.shape=} heads.")
+  per_key = g is not None and g.ndim == 4
+  if g is not None and g.shape not in ((b, t, h), (b, t, h, kd)):
+    raise ValueError(f"gla pallas: g must be None, [B, T, H] = {(b, t, h)} or [B, T, H, K] = "
+                     f"{(b, t, h, kd)}; got {g.shape=}.")
+  if chunk_size is None:
+    chunk_size = 16 if per_key else 64
+  if h0.shape != (b, h, kd, vd):
+    raise ValueError(f"gla pallas: {h0.shape=} must be [B, H, K, V] = {(b, h, kd, vd)}.")
+  for name, val in (("chunk_size", chunk_size), ("block_v", block_v)):
+    if val < 16 or val & (val - 1):
+      raise ValueError(f"gla pallas: {name}={val} must be a power of two >= 16 (Triton dots "
+                       f"need dims >= 16); e.g. 64.")
+  if interpret is None:
+    interpret = default_interpret()
+  c = min(chunk_size, _pow2_at_least(t))
+  kp = _pow2_at_least(kd)
+  bv = min(block_v, _pow2_at_least(vd))
+  vp = -(-vd // bv) * bv
+  tp = -(-t // c) * c
+  cfg = _Config(float(scale), kernel.Blocks(c, bv, num_warps, num_stages), bool(interpret))
+
+  cdt = jnp.result_type(q.dtype, k.dtype, v.dtype)
+  # Zero padding is neutral: padded keys/values write nothing, padded queries read nothing,
+  # padded gates (0) do not decay, padded state rows/columns stay zero.
+  pad = lambda x, widths: jnp.pad(x, widths) if any(w for _, w in widths) else x
+  qp = pad(q.astype(cdt), ((0, 0), (0, tp - t), (0, 0), (0, kp - kd)))      # [b, tp, g, kp]
+  kpd = pad(k.astype(cdt), ((0, 0), (0, tp - t), (0, 0), (0, kp - kd)))
+  vpd = pad(v.astype(cdt), ((0, 0), (0, tp - t), (0, 0), (0, vp - vd)))     # [b, tp, h, vp]
+  h0p = pad(h0.astype(_F32), ((0, 0), (0, 0), (0, kp - kd), (0, vp - vd)))
+  if per_key:
+    gp = pad(g.astype(_F32), ((0, 0), (0, tp - t), (0, 0), (0, kp - kd)))      # [b, tp, h, kp]
+    o, s = _core_key(qp, kpd, vpd, gp, h0p, cfg)
+    return o[:, :t, :, :vd].astype(v.dtype), s[:, :, :kd, :vd]
+  gp = None
+  if g is not None:
+    gp = pad(jnp.swapaxes(g.astype(_F32), 1, 2), ((0, 0), (0, 0), (0, tp - t)))  # [b, h, tp]
+  o, s = _core(qp, kpd, vpd, gp, h0p, cfg)
+  return o[:, :t, :, :vd].astype(v.dtype), s[:, :, :kd, :vd]
+
+
+def _local_cumsum(g, c):
+  """[B, H, T] -> inclusive cumsums restarting at every chunk of c tokens."""
+  b, h, t = g.shape
+  return jnp.cumsum(g.reshape(b, h, t // c, c), axis=-1).reshape(b, h, t)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _core(q, k, v, g, h0, cfg):
+  return _fwd(q, k, v, g, h0, cfg)[0]
+
+
+def _fwd(q, k, v, g, h0, cfg):
+  gl = None if g is None else _local_cumsum(g, cfg.blocks.chunk)
+  o, s = kernel.forward(q, k, v, gl, h0, scale=cfg.scale, blocks=cfg.blocks,
+                        interpret=cfg.interpret)
+  return (o, s), (q, k, v, g, gl, h0, s)
+
+
+def _bwd(cfg, res, cts):
+  q, k, v, g, gl, h0, s = res
+  do, ds = cts
+  dq, dk, dv, dh0, dg = kernel.backward(q, k, v, gl, g, h0, do.astype(v.dtype),
+                                        ds.astype(_F32), scale=cfg.scale, blocks=cfg.blocks,
+                                        interpret=cfg.interpret)
+  b, t, hk, kd = q.shape
+  h = v.shape[2]
+  group = lambda x: x.reshape(b, t, hk, h // hk, kd).sum(3)                 # [b, t, g, k]
+  return group(dq).astype(q.dtype), group(dk).astype(k.dtype), dv, dg, dh0
+
+
+_core.defvjp(_fwd, _bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _core_key(q, k, v, g, h0, cfg):
+  return kernel_key.forward(q, k, v, g, h0, scale=cfg.scale, blocks=cfg.blocks,
+                            interpret=cfg.interpret)
+
+
+def _fwd_key(q, k, v, g, h0, cfg):
+  # The states entering each chunk go to the backward: float32 for float32 inputs, else the
+  # inputs' dtype (they only feed bf16 products there).
+  o, s, states = kernel_key.forward(q, k, v, g, h0, scale=cfg.scale, blocks=cfg.blocks,
+                                    interpret=cfg.interpret, states_dtype=v.dtype)
+  return (o, s), (q, k, v, g, states)
+
+
+def _bwd_key(cfg, res, cts):
+  q, k, v, g, states = res
+  do, ds = cts
+  dq, dk, dv, dh0, dg = kernel_key.backward(q, k, v, g, states, do.astype(v.dtype),
+                                            ds.astype(_F32), scale=cfg.scale,
+                                            blocks=cfg.blocks, interpret=cfg.interpret)
+  b, t, hk, kd = q.shape
+  h = v.shape[2]
+  group = lambda x: x.reshape(b, t, hk, h // hk, kd).sum(3)                 # [b, t, g, k]
+  return group(dq).astype(q.dtype), group(dk).astype(k.dtype), dv, dg, dh0
+
+
+_core_key.defvjp(_fwd_key, _bwd_key)
