@@ -198,12 +198,6 @@ def test_jit_and_eager_match_reference(use_jit):
   assert_trees_rel_close(got, want, 1e-5, "gla")
 
 
-def test_pallas_not_built():
-  (q, k, v, g, _), _ = _inputs(0, "scalar", "weak", 4, 16, 2, jnp.float32, False)
-  with pytest.raises(NotImplementedError, match="reference.*chunked"):
-    gla(q, k, v, g, impl="pallas")
-
-
 @pytest.mark.parametrize("bad,match", [
     ({"g": jnp.zeros((3,))}, "g must be"),
     ({"g": jnp.zeros((B, 4, H, 16, 1))}, "g must be"),

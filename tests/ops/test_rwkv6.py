@@ -132,12 +132,6 @@ def test_jit_and_eager_match_reference(use_jit):
   assert_trees_rel_close(got, want, 1e-5, "rwkv6")
 
 
-def test_pallas_not_built():
-  (r, k, v, w, u, _), _ = _inputs(0, "weak", 4, 16, jnp.float32, False)
-  with pytest.raises(NotImplementedError, match="reference.*chunked"):
-    rwkv6(r, k, v, w, u, impl="pallas")
-
-
 @pytest.mark.parametrize("bad,match", [
     ({"w": jnp.zeros((B, 4, H))}, "w must be"),
     ({"u": jnp.zeros((H, 15))}, "u must be"),

@@ -233,7 +233,7 @@ def test_jit_defaults_and_errors():
   # Both impls compute in float32 from the same bf16 inputs; y is rounded to bf16 at the end.
   assert_rel_close(y, y_ref, RTOL["bfloat16"], "y")
   assert_rel_close(h, h_ref, RTOL["float32"], "h_T")
-  with pytest.raises(NotImplementedError, match="chunked"):
-    selective_scan(u, delta, A, B, C, impl="pallas")
+  with pytest.raises(ValueError, match="unknown impl"):
+    selective_scan(u, delta, A, B, C, impl="associative")
   with pytest.raises(ValueError, match="A must be"):
     selective_scan(u, delta, A.T, B, C)
