@@ -323,11 +323,12 @@ def check_finite_grads(module, params, x, *, unused=()):
   missing = sorted(set(unused) - set(paths))
   assert not missing, f"unused lists {missing}, which are not parameters of {sorted(paths)}"
   zero = sorted(k for k, g in paths.items() if not np.any(g != 0) and k not in unused)
-  assert not zero, (f"{type(module).__name__}: gradient identically zero for {zero}: these "
+  name = type(module).__name__
+  assert not zero, (f"{name}: gradient identically zero for {', '.join(zero)}: these "
                     f"parameters do not reach the output (list them as unused, with the "
                     f"reason, only if that is intended)")
   used = sorted(k for k in unused if np.any(paths[k] != 0))
-  assert not used, f"{type(module).__name__}: parameters listed as unused get a gradient: {used}"
+  assert not used, f"{name}: parameters listed as unused get a gradient: {', '.join(used)}"
 
 
 class ToyCache(NamedTuple):
@@ -338,12 +339,14 @@ class ToyCache(NamedTuple):
 class ToyShiftMixer(MixerBase):
   """Test double: y_t = W_o Σ_{s<L} k_s ⊙ (W_i x)_{t−s}, taps masked across documents.
 
-  taps: L. leak_future / ignore_segments: deliberate protocol violations, for testing that
-  the checks above catch them. Not registered.
+  taps: L. leak_future / ignore_segments / dead_param (a parameter multiplied by zero):
+  deliberate protocol violations, for testing that the checks above catch them. Not
+  registered.
   """
   taps: int = 3
   leak_future: bool = False
   ignore_segments: bool = False
+  dead_param: bool = False
 
   def init_cache(self, batch_size, max_len, dtype=jnp.float32):
     del max_len
@@ -371,6 +374,8 @@ class ToyShiftMixer(MixerBase):
       y = y + jnp.where(same, full[:, l1 - s:l1 - s + t] * k[s].astype(u.dtype), 0)
     if self.leak_future:
       y = y + 0.1 * jnp.concatenate([u[:, 1:], jnp.zeros_like(u[:, :1])], axis=1)
+    if self.dead_param:
+      y = y + 0.0 * self.param("dead", nn.initializers.normal(1.0), (d,), self.param_dtype)
     y = dense(name="w_out")(y)
     new_cache = None if cache is None else ToyCache(
         full[:, full.shape[1] - l1:].astype(cache.inputs.dtype), full_seg[:, full.shape[1] - l1:])
