@@ -5,9 +5,9 @@ causality, decoding == parallel, split prefill == whole, segment isolation (para
 decoding), finite and nonzero gradients, the same across chunk boundaries (T > chunk, a
 document starting inside the second chunk), and (for LEARNING_SAMPLE by default, for all
 under `slow`) learning the lag-2 copy task. The registered layer patterns (griffin, xlstm) run
-the same checks as one stacked module (`mt.PatternStack`, runs of a member capped at 2). The checks live in
-`seqmix.mixers.testing`; the last part of this file tests that they catch deliberate
-violations.
+the same checks as one stacked module (`mt.PatternStack`, runs of a member capped at 2).
+The checks live in `seqmix.mixers.testing`; the last part of this file tests that they catch
+deliberate violations.
 """
 
 import dataclasses
