@@ -86,8 +86,8 @@ class PatternStack(MixerBase):
   Flax fields must be). Layer i sees the residual stream x_i (x_0 = x, x_{i+1} = x_i + y_i);
   the output is Σ y_i (= x_L − x_0, summed apart), without the identity, so an error in
   any member is not diluted by the input in the relative comparisons. No norms and no MLPs:
-  those are the model's (tests/models covers the LanguageModel); this checks the members' caches, segment
-  handling and positions when they are stacked. The cache is a tuple of member caches.
+  those are the model's (tests/models covers the LanguageModel); this checks the members'
+  caches, segment handling and positions when they are stacked. The cache is a tuple of member caches.
   """
   members: tuple = ()
 
