@@ -87,7 +87,8 @@ class PatternStack(MixerBase):
   the output is Σ y_i (= x_L − x_0, summed apart), without the identity, so an error in
   any member is not diluted by the input in the relative comparisons. No norms and no MLPs:
   those are the model's (tests/models covers the LanguageModel); this checks the members'
-  caches, segment handling and positions when they are stacked. The cache is a tuple of member caches.
+  caches, segment handling and positions when they are stacked.
+  The cache is a tuple of member caches.
   """
   members: tuple = ()
 
