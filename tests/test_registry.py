@@ -1,20 +1,33 @@
-"""The registry: lookups, errors, patterns, metadata completeness."""
+"""The registry: lookups, errors, patterns, metadata completeness.
+
+Expected values are written out by hand (not recomputed with the registry's own difflib or
+`all(...)` formula), so a wrong suggestion, expansion or pattern state fails here.
+"""
 
 import pytest
 
 from seqmix import registry
 
+# The registered layer patterns and their decoding state: hawk and local_mqa keep a window
+# KV cache (griffin), mLSTM and sLSTM fixed-size states (xlstm).
+PATTERN_CONSTANT_STATE = {"griffin": False, "xlstm": True}
 
-def test_unknown_name_lists_valid_and_closest():
-  names = registry.names()
-  if not names:
-    pytest.skip("no mixers registered yet")
-  wrong = names[0] + "x"
+
+@pytest.mark.parametrize("wrong, closest", [("mhaa", "mha"), ("retnett", "retnet"),
+                                            ("Mamba2", "mamba2"), ("griffen", "griffin"),
+                                            ("xlstn", "xlstm")])
+def test_unknown_name_suggests_the_closest(wrong, closest):
   with pytest.raises(KeyError) as e:
     registry.get(wrong)
   msg = str(e.value)
-  assert f"Did you mean {names[0]!r}" in msg
-  assert "Registered mixers:" in msg
+  assert f"Did you mean {closest!r}?" in msg
+  assert "Registered mixers:" in msg and ", gla, " in msg and ", xlstm" in msg
+
+
+def test_unknown_name_without_a_close_match_suggests_nothing():
+  with pytest.raises(KeyError) as e:
+    registry.get("qqqqqqqqqq")
+  assert "Did you mean" not in str(e.value) and "Registered mixers: " in str(e.value)
 
 
 def test_metadata_complete():
@@ -30,21 +43,45 @@ def test_metadata_complete():
 
 
 def test_expand_pattern_repeats_over_depth():
-  names = registry.names(include_patterns=False)
-  if len(names) < 2:
-    pytest.skip("needs two mixers")
-  a, b = names[:2]
-  assert registry.expand_pattern(f"{a},{a},{b}", 5) == [a, a, b, a, a]
-  with pytest.raises(ValueError):
+  assert registry.expand_pattern("mha,mha,gla", 5) == ["mha", "mha", "gla", "mha", "mha"]
+  assert registry.expand_pattern(" gla , mha ", 3) == ["gla", "mha", "gla"]
+  assert registry.expand_pattern("retnet", 2) == ["retnet", "retnet"]
+  assert registry.expand_pattern("griffin", 4) == ["hawk", "hawk", "local_mqa", "hawk"]
+  assert registry.expand_pattern("gla,griffin", 6) == ["gla", "hawk", "hawk", "local_mqa",
+                                                       "gla", "hawk"]
+  assert registry.expand_pattern("xlstm", 10) == ["mlstm"] * 7 + ["slstm"] + ["mlstm"] * 2
+  with pytest.raises(ValueError, match="Empty mixer spec"):
     registry.expand_pattern(" , ", 2)
+  with pytest.raises(KeyError, match="Did you mean 'gla'"):
+    registry.expand_pattern("mha,glaa", 2)
 
 
-def test_pattern_state_is_constant_only_when_every_member_is():
-  for name in registry.names():
-    info = registry.get(name)
-    if info.pattern:
-      assert info.constant_state == all(registry.get(m).constant_state for m in info.pattern)
-  if "xlstm" in registry.names():
-    assert registry.get("xlstm").constant_state          # mLSTM and sLSTM: fixed-size states
-  if "griffin" in registry.names():
-    assert not registry.get("griffin").constant_state    # local MQA keeps a window cache
+def test_registered_patterns_and_their_state():
+  patterns = {n: registry.get(n) for n in registry.names() if registry.get(n).is_pattern}
+  assert {n: i.constant_state for n, i in patterns.items()} == PATTERN_CONSTANT_STATE, (
+      "a pattern was added or changed: write its expected constant_state here by hand")
+  assert patterns["griffin"].pattern == ("hawk", "hawk", "local_mqa")
+  assert patterns["xlstm"].pattern == ("mlstm",) * 7 + ("slstm",)
+  assert "griffin" not in registry.names(include_patterns=False)
+
+
+@pytest.mark.parametrize("members, constant", [(("gla", "hawk"), True), (("mlstm",), True),
+                                               (("gla", "mha"), False),
+                                               (("local_mqa", "hawk"), False)])
+def test_register_pattern_state(members, constant):
+  """A new pattern's constant_state: True only when every member's is (hand-written)."""
+  registry.names()  # load every real mixer first
+  name = "test_only_pattern"
+  try:
+    registry.register_pattern(name, members, paper="test", year=2024, venue="tests", op="none")
+    assert registry.get(name).constant_state is constant
+    assert registry.get(name).pattern == members
+  finally:
+    registry._REGISTRY.pop(name, None)  # pylint: disable=protected-access
+
+
+def test_register_pattern_needs_registered_members():
+  with pytest.raises(ValueError, match=r"register \['nope'\] before the pattern"):
+    registry.register_pattern("test_only_pattern", ("gla", "nope"), paper="test", year=2024,
+                              venue="tests", op="none")
+  assert "test_only_pattern" not in registry.names()

@@ -45,9 +45,77 @@ def build(name: str, d_model: int = D_MODEL, **overrides) -> nn.Module:
   """The registered mixer `name` with its registry `test_kwargs` (updated by `overrides`)."""
   info = registry.get(name)
   if info.is_pattern:
-    raise ValueError(f"{name!r} is a layer pattern, not a mixer; build one of {info.pattern}.")
+    raise ValueError(f"{name!r} is a layer pattern, not a mixer; build one of {info.pattern}, "
+                     f"or the whole pattern as one module with build_pattern({name!r}).")
   kwargs = {**info.test_kwargs, **overrides}
   return info.cls(d_model=d_model, **kwargs)
+
+
+def build_pattern(name: str, d_model: int = D_MODEL, member_overrides=None,
+                  max_run: int | None = None) -> "PatternStack":
+  """The registered layer pattern `name` as one protocol module (`PatternStack`).
+
+  Every member gets its registry `test_kwargs`, updated by `member_overrides[member]`
+  (member name -> dict of field overrides) where given. max_run: keep at most this many
+  layers of each run of one member (xlstm's 7 mLSTM + 1 sLSTM -> 2 + 1 with max_run=2), for
+  checks whose cost grows with depth; None keeps the whole pattern.
+  """
+  info = registry.get(name)
+  if not info.is_pattern:
+    raise ValueError(f"{name!r} is a mixer, not a layer pattern; use build({name!r}).")
+  member_overrides = member_overrides or {}
+  unknown = set(member_overrides) - set(info.pattern)
+  if unknown:
+    raise ValueError(f"member_overrides names {sorted(unknown)}, which are not members of "
+                     f"{name!r} {info.pattern}.")
+  layers, run = [], 0
+  for i, m in enumerate(info.pattern):
+    run = run + 1 if i and info.pattern[i - 1] == m else 1
+    if max_run is None or run <= max_run:
+      layers.append(m)
+  members = tuple(
+      (m, tuple(sorted({**registry.get(m).test_kwargs, **member_overrides.get(m, {})}.items())))
+      for m in layers)
+  return PatternStack(d_model=d_model, members=members)
+
+
+class PatternStack(MixerBase):
+  """A layer pattern run as one mixer, so the protocol checks cover the members together.
+
+  members: ((registry name, ((field, value), ...)), ...), one entry per layer (hashable, as
+  Flax fields must be). Layer i sees the residual stream x_i (x_0 = x, x_{i+1} = x_i + y_i);
+  the output is Σ y_i (= x_L − x_0, summed apart), without the identity, so an error in
+  any member is not diluted by the input in the relative comparisons. No norms and no MLPs:
+  those are the model's (tests/models covers the LanguageModel); this checks the members'
+  caches, segment handling and positions when they are stacked.
+  The cache is a tuple of member caches.
+  """
+  members: tuple = ()
+
+  def _member(self, i, parent_free: bool):
+    name, kwargs = self.members[i]
+    extra = {"parent": None} if parent_free else {"name": f"layer_{i}"}
+    return registry.get(name).cls(d_model=self.d_model, layer_idx=i, n_layers=len(self.members),
+                                  dtype=self.dtype, param_dtype=self.param_dtype,
+                                  **dict(kwargs), **extra)
+
+  def init_cache(self, batch_size, max_len, dtype=jnp.float32):
+    return tuple(self._member(i, True).init_cache(batch_size, max_len, dtype=dtype)
+                 for i in range(len(self.members)))
+
+  @nn.compact
+  def __call__(self, x, *, segment_ids=None, positions=None, cache=None, deterministic=True):
+    """x [B, T, D] -> (Σ_i y_i [B, T, D], tuple of member caches | None)."""
+    if not self.members:
+      raise ValueError("PatternStack needs members; build it with build_pattern(name).")
+    h, out, new = x, jnp.zeros_like(x), []
+    for i in range(len(self.members)):
+      y, c = self._member(i, False)(h, segment_ids=segment_ids, positions=positions,
+                                    cache=None if cache is None else cache[i],
+                                    deterministic=deterministic)
+      h, out = h + y.astype(h.dtype), out + y.astype(h.dtype)
+      new.append(c)
+    return out, (None if cache is None else tuple(new))
 
 
 def _normal(seed: int, shape, dtype=jnp.float32):
@@ -230,18 +298,38 @@ def check_segments(runner, x, first: int, *, rtol=None, decode=True):
     assert_rel_close(y_dec, y_packed, _rtol(rtol), "decoded packed vs parallel packed")
 
 
-def check_finite_grads(module, params, x):
-  """A scalar loss has finite, not-all-zero gradients w.r.t. params and inputs."""
+def check_finite_grads(module, params, x, *, unused=()):
+  """A scalar loss has finite gradients w.r.t. params and inputs, none identically zero.
+
+  Every parameter leaf must get a gradient with some nonzero entry: an identically zero one
+  means the parameter does not reach the output (a dropped branch, a stop_gradient, a gate
+  that multiplies by zero), which this check exists to catch.
+  unused: keystr paths (e.g. "['w_out']['kernel']") of leaves that are legitimately unused
+    for this input (the caller states why); they must have an all-zero gradient, so a stale
+    entry fails too.
+  """
 
   def loss(p, x_):
     y = module.apply({"params": p}, x_)[0].astype(jnp.float32)
     return jnp.mean(jnp.square(y)) + jnp.mean(jnp.sin(y))
 
   gp, gx = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+  paths = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(gp)[0]:
-    assert np.all(np.isfinite(np.asarray(leaf))), f"non-finite grad at {jax.tree_util.keystr(path)}"
+    leaf = np.asarray(leaf)
+    paths[jax.tree_util.keystr(path)] = leaf
+    assert np.all(np.isfinite(leaf)), f"non-finite grad at {jax.tree_util.keystr(path)}"
   assert np.all(np.isfinite(np.asarray(gx))), "non-finite input gradient"
   assert float(jnp.abs(gx).max()) > 0, "input gradient is identically zero"
+  missing = sorted(set(unused) - set(paths))
+  assert not missing, f"unused lists {missing}, which are not parameters of {sorted(paths)}"
+  zero = sorted(k for k, g in paths.items() if not np.any(g != 0) and k not in unused)
+  name = type(module).__name__
+  assert not zero, (f"{name}: gradient identically zero for {', '.join(zero)}: these "
+                    f"parameters do not reach the output (list them as unused, with the "
+                    f"reason, only if that is intended)")
+  used = sorted(k for k in unused if np.any(paths[k] != 0))
+  assert not used, f"{name}: parameters listed as unused get a gradient: {', '.join(used)}"
 
 
 class ToyCache(NamedTuple):
@@ -252,12 +340,14 @@ class ToyCache(NamedTuple):
 class ToyShiftMixer(MixerBase):
   """Test double: y_t = W_o Σ_{s<L} k_s ⊙ (W_i x)_{t−s}, taps masked across documents.
 
-  taps: L. leak_future / ignore_segments: deliberate protocol violations, for testing that
-  the checks above catch them. Not registered.
+  taps: L. leak_future / ignore_segments / dead_param (a parameter multiplied by zero):
+  deliberate protocol violations, for testing that the checks above catch them. Not
+  registered.
   """
   taps: int = 3
   leak_future: bool = False
   ignore_segments: bool = False
+  dead_param: bool = False
 
   def init_cache(self, batch_size, max_len, dtype=jnp.float32):
     del max_len
@@ -285,6 +375,8 @@ class ToyShiftMixer(MixerBase):
       y = y + jnp.where(same, full[:, l1 - s:l1 - s + t] * k[s].astype(u.dtype), 0)
     if self.leak_future:
       y = y + 0.1 * jnp.concatenate([u[:, 1:], jnp.zeros_like(u[:, :1])], axis=1)
+    if self.dead_param:
+      y = y + 0.0 * self.param("dead", nn.initializers.normal(1.0), (d,), self.param_dtype)
     y = dense(name="w_out")(y)
     new_cache = None if cache is None else ToyCache(
         full[:, full.shape[1] - l1:].astype(cache.inputs.dtype), full_seg[:, full.shape[1] - l1:])
@@ -307,10 +399,10 @@ def temporarily_registered(name: str, cls, **meta):
 
 
 __all__ = ["D_MODEL", "SEGMENT_LEAK_RTOL", "build", "random_inputs", "init_params",
-           "random_params", "Runner",
+           "random_params", "Runner", "build_pattern", "PatternStack",
            "check_causal", "check_decode_matches_parallel", "check_split_prefill",
            "packed_pair", "check_segments", "check_finite_grads", "ToyShiftMixer", "ToyCache",
-           "temporarily_registered", "lag_copy_accuracy"]
+           "temporarily_registered", "lag_copy_accuracy", "lag_copy_majority"]
 
 
 def lag_copy_accuracy(mixer: str, *, mixer_kwargs=None, steps: int = 300, lr: float = 1e-2,
@@ -359,3 +451,22 @@ def lag_copy_accuracy(mixer: str, *, mixer_kwargs=None, steps: int = 300, lr: fl
                                           vocab_size=vocab_size, lag=lag)
   logits = jax.jit(model.apply)({"params": params}, jnp.asarray(test_in))[0]
   return copying.copy_accuracy(logits, test_tgt)
+
+
+def lag_copy_majority(mixer: str, threshold: float, *, seeds=(0, 1, 2), **kwargs):
+  """Whether most of `seeds` reach `threshold` on lag_copy_accuracy -> (bool, {seed: acc}).
+
+  One short run is noisy: the same seed lands at 0.80 or 1.00 with different XLA builds (gla
+  with and without the 8-host-device flag), so a single seed makes the test a coin flip on
+  the build. The majority of an odd number of seeds (the median's side of the threshold) is
+  robust to one unlucky seed and still fails a mixer that does not learn. Seeds run in order
+  and stop as soon as the majority is decided (two of three on one side).
+  """
+  need = len(seeds) // 2 + 1
+  accs = {}
+  for s in seeds:
+    accs[s] = lag_copy_accuracy(mixer, seed=s, **kwargs)
+    hits = sum(a >= threshold for a in accs.values())
+    if hits >= need or len(accs) - hits >= need:
+      break
+  return sum(a >= threshold for a in accs.values()) >= need, accs
