@@ -52,6 +52,9 @@ from seqmix.testing import rel_err
 _T = flags.DEFINE_integer("T", 256, "Sequence length (attention: keys of the long cases).")
 _B = flags.DEFINE_integer("B", 4, "Batch size.")
 _ONLY = flags.DEFINE_list("only", [], "Check only these ops (names of IMPLS); default all.")
+_CASE = flags.DEFINE_list("case", [], "Check only cases whose name contains one of these "
+                          "substrings; default all.")
+_DTYPE = flags.DEFINE_list("dtype", [], "Check only these dtypes (bfloat16, float32); default all.")
 _BLOCK_K = flags.DEFINE_integer(
     "block_k", 64, "attention.CHUNK_BLOCK_K for the chunked attention rows (the library's 512 "
     "would make T = 256 one block; 64 runs several, the last one ragged at T = 255).")
@@ -300,6 +303,10 @@ def main(argv):
   failed = []
   for case in cases:
     if _ONLY.value and case.op not in _ONLY.value:
+      continue
+    if _CASE.value and not any(c in case.name for c in _CASE.value):
+      continue
+    if _DTYPE.value and case.dtype not in _DTYPE.value:
       continue
     try:
       with jax.default_matmul_precision("highest"):
