@@ -27,6 +27,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from seqmix import registry
 from seqmix.parallel import axes
 from seqmix.train import state as state_lib
 from seqmix.train import step as step_lib
@@ -109,6 +110,30 @@ def shard_batch(batch: dict, mesh, rules) -> dict:
   return out
 
 
+def check_sequence_axis(model, mesh, rules) -> None:
+  """Refuses, before anything compiles, a mesh that shards the sequence of a mixer that can't.
+
+  The sequence is sharded when the rules map `seq` to mesh axes of total size > 1. Every
+  layer's mixer must then have `sequence_parallel` in the registry; so far none is wired in
+  (ring attention and the sequence-parallel ops of this package are functions, not mixers).
+  """
+  target = dict(rules).get(axes.SEQ)
+  n = _mesh_size(mesh, target) if target is not None else 1
+  if n <= 1:
+    return
+  layers = model.layer_mixers()
+  bad = sorted({m for m in layers if m != "none" and not registry.get(m).sequence_parallel})
+  if getattr(model, "mlp", None) == "rwkv_channel_mix":
+    bad.append("mlp='rwkv_channel_mix' (token shift)")
+  if bad:
+    ok = [m for m in registry.names(include_patterns=False) if registry.get(m).sequence_parallel]
+    raise ValueError(
+        f"The mesh shards the sequence over {target}={n} devices (rule {axes.SEQ!r} -> "
+        f"{target!r}), but {', '.join(repr(b) if ' ' not in b else b for b in bad)} cannot "
+        f"run with a sharded sequence. Mixers that can: {', '.join(ok) if ok else 'none yet'}. "
+        f"Set the mesh's 'sequence' axis to 1 (e.g. move those devices to 'data' or 'fsdp').")
+
+
 def _abstract_params(model, batch):
   tokens = jax.ShapeDtypeStruct((1,) + tuple(np.shape(batch["inputs"])[1:]), jnp.int32)
   return jax.eval_shape(
@@ -118,7 +143,12 @@ def _abstract_params(model, batch):
 
 def state_shardings(model, optimizer: optax.GradientTransformation, batch, mesh,
                     rules) -> StateShardings:
-  """The shardings of the TrainState `create_train_state(model, optimizer, rng, batch)` makes."""
+  """The shardings of the TrainState `create_train_state(model, optimizer, rng, batch)` makes.
+
+  Raises ValueError (check_sequence_axis) when the mesh shards the sequence of a mixer that
+  cannot run so.
+  """
+  check_sequence_axis(model, mesh, rules)
   boxed = _abstract_params(model, batch)
   params_sh, notes = param_shardings(boxed, mesh, rules)
   params = nn.meta.unbox(boxed)
@@ -166,6 +196,7 @@ def make_sharded_train_step(model, optimizer, mesh, rules, shardings: StateShard
   a dict of [B, T] arrays (sharded by `shard_batch`, or host arrays jit will place); metrics
   replicated.
   """
+  check_sequence_axis(model, mesh, rules)
   step = step_lib.make_train_step(model, optimizer, grad_accum=grad_accum, schedule=schedule,
                                   jit=False)
   replicated = NamedSharding(mesh, P())

@@ -127,3 +127,17 @@ def test_indivisible_dims_fall_back_to_replicated_and_table_says_so():
   assert "(32, 85)" in line and "('fsdp', None)" in line and "does not divide" in line
   assert "5.3 KiB" in line  # (32/2) · 85 · 4 bytes = 5440 B per device
   assert "per device" in table.splitlines()[-1]
+
+
+def test_mesh_sharding_a_mixer_sequence_it_cannot_is_refused_before_compiling():
+  model, opt, batch = _model(), _optimizer(), _batch()
+  mesh = mesh_lib.make_mesh({"data": 4, "sequence": 2})
+  rules = mesh_lib.logical_rules()
+  with pytest.raises(ValueError, match=r"sequence over sequence=2 .*'gla', 'mha' cannot run "
+                                       r"with a sharded sequence\. Mixers that can: none yet"):
+    sharding.state_shardings(model, opt, batch, mesh, rules)
+  with pytest.raises(ValueError, match="'gla', 'mha' cannot"):
+    sharding.make_sharded_train_step(model, opt, mesh, rules, None)
+  # A `sequence` axis the rules do not use for `seq` shards nothing: accepted.
+  rules_no_seq = mesh_lib.logical_rules({"rules": [(k, v) for k, v in rules if k != "seq"]})
+  sharding.check_sequence_axis(model, mesh, rules_no_seq)
