@@ -141,3 +141,36 @@ def test_mesh_sharding_a_mixer_sequence_it_cannot_is_refused_before_compiling():
   # A `sequence` axis the rules do not use for `seq` shards nothing: accepted.
   rules_no_seq = mesh_lib.logical_rules({"rules": [(k, v) for k, v in rules if k != "seq"]})
   sharding.check_sequence_axis(model, mesh, rules_no_seq)
+
+
+def _loop_run(mesh, workdir):
+  from experiments.configs import mqar as mqar_config  # pylint: disable=g-import-not-at-top
+  from seqmix.train import loop  # pylint: disable=g-import-not-at-top
+
+  c = mqar_config.get_config("smoke")
+  c.train.update(steps=2, decay_steps=2, warmup_steps=1, ckpt_every=0, log_every=1,
+                 eval_every=0, progress=False, tensorboard=False, batch_size=8)
+  c.train.mesh = mesh
+  c.data.num_train_examples = 16
+  c.data.num_test_examples = 8
+  losses = []
+  model = _model(vocab_size=c.data.vocab_size, mixer="mha", n_layers=1)
+  summary = loop.train(c, str(workdir), model=model,
+                       hooks=[lambda s, m: losses.append(jax.device_get(m["loss"]))])
+  return np.array(losses), summary
+
+
+def test_train_loop_runs_sharded_when_a_mesh_is_configured(tmp_path, capsys):
+  losses, summary = _loop_run({"data": 2, "fsdp": 2, "tensor": 2}, tmp_path)
+  assert summary["step"] == 2 and losses.shape == (2,) and np.isfinite(losses).all()
+  assert np.isfinite(summary["val"]["loss"])
+  out = capsys.readouterr()
+  assert "parameter shardings" in out.out + out.err  # the table is printed at start
+
+
+@pytest.mark.slow
+def test_sharded_train_loop_equals_single_device_loop(tmp_path):
+  plain, summary_plain = _loop_run({}, tmp_path / "plain")
+  sharded, summary = _loop_run({"data": 2, "fsdp": 2, "tensor": 2}, tmp_path / "sharded")
+  assert_rel_close(sharded, plain, RTOL, name="train losses")
+  assert_rel_close(summary["val"]["loss"], summary_plain["val"]["loss"], RTOL, name="val loss")
