@@ -108,7 +108,8 @@ def test_sharded_step_equals_single_device(mode, reference):
 
 
 def test_indivisible_dims_fall_back_to_replicated_and_table_says_so():
-  # swiglu's default hidden round(8/3 · 32) = 85 divides no tensor size; vocab 62 does not divide tensor=4.
+  # swiglu's default hidden round(8/3 · 32) = 85 divides no tensor size; vocab 62 does not
+  # divide tensor=4.
   model = _model(mlp_ratio=None, vocab_size=62)
   mesh = mesh_lib.make_mesh({"fsdp": 2, "tensor": 4})
   rules = mesh_lib.logical_rules()
