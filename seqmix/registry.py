@@ -36,6 +36,9 @@ class MixerInfo:
     or rotation: softmax attention without RoPE, the plain linear transformer), so a model
     using it needs pos_embedding="learned"; the shared learning test and the MQAR configs
     give it one.
+  sequence_parallel: the mixer runs with its sequence sharded over the `sequence` mesh axis
+    (context parallelism wired into the mixer); `seqmix.parallel.sharding` refuses a mesh that
+    shards the sequence of a mixer without it. A pattern has it when all its members do.
   """
   name: str
   cls: Any
@@ -50,6 +53,7 @@ class MixerInfo:
   test_kwargs: dict = dataclasses.field(default_factory=dict)
   url: str = ""
   needs_positions: bool = False
+  sequence_parallel: bool = False
 
   @property
   def is_pattern(self) -> bool:
@@ -72,7 +76,7 @@ def _check_meta(name, family, year):
 
 def register(name: str, *, paper: str, year: int, venue: str, family: str, op: str,
              parents=(), constant_state: bool = True, test_kwargs=None, url: str = "",
-             needs_positions: bool = False):
+             needs_positions: bool = False, sequence_parallel: bool = False):
   """Class decorator adding a mixer to the registry."""
   def wrap(cls):
     _check_meta(name, family, year)
@@ -80,7 +84,8 @@ def register(name: str, *, paper: str, year: int, venue: str, family: str, op: s
                                 family=family, op=op, parents=tuple(parents),
                                 constant_state=constant_state,
                                 test_kwargs=dict(test_kwargs or {}), url=url,
-                                needs_positions=needs_positions)
+                                needs_positions=needs_positions,
+                                sequence_parallel=sequence_parallel)
     return cls
   return wrap
 
@@ -99,7 +104,9 @@ def register_pattern(name: str, pattern, *, paper: str, year: int, venue: str, o
   constant = all(_REGISTRY[m].constant_state for m in pattern)
   _REGISTRY[name] = MixerInfo(name=name, cls=None, paper=paper, year=int(year), venue=venue,
                               family="hybrid", op=op, parents=tuple(parents),
-                              constant_state=constant, pattern=tuple(pattern), url=url)
+                              constant_state=constant, pattern=tuple(pattern), url=url,
+                              sequence_parallel=all(_REGISTRY[m].sequence_parallel
+                                                    for m in pattern))
 
 
 def _load_all():

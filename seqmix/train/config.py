@@ -47,6 +47,9 @@ def train_defaults() -> ml_collections.ConfigDict:
   c.sample_top_k = 0          # top-k for that sample; 0: no top-k
   c.tensorboard = True        # write TensorBoard event files under <workdir>/tb
   c.progress = True           # show a tqdm progress bar
+  # Device mesh (seqmix.parallel.mesh.make_mesh: axis sizes data/fsdp/tensor/sequence, one may
+  # be -1; optional axis_types and logical-axis `rules`). Empty: one device, the plain step.
+  c.mesh = ml_collections.ConfigDict()
   return c
 
 
@@ -84,6 +87,10 @@ def _field_default(cls, field: str):
   return None
 
 
+# train keys a config may leave out (configs written before they existed keep working).
+OPTIONAL_TRAIN = ("mesh",)
+
+
 def validate(config: ml_collections.ConfigDict, *, check_model: bool = True) -> None:
   """Raise ConfigError for a config that cannot train; does not touch data or devices.
 
@@ -97,7 +104,7 @@ def validate(config: ml_collections.ConfigDict, *, check_model: bool = True) -> 
   t = config.train
   _check_keys("train", t, train_defaults().keys())
   for key in train_defaults().keys():
-    if key not in t:
+    if key not in t and key not in OPTIONAL_TRAIN:
       raise ConfigError(f"config.train.{key} is missing; build the train block from "
                         "seqmix.train.config.train_defaults().")
   for key in ("steps", "batch_size", "seq_len", "grad_accum"):
