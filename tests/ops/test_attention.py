@@ -396,7 +396,7 @@ def test_cudnn_odd_lengths_with_a_mask_really_fail_in_jax():
 
 
 def test_unknown_impl():
-  # impl="pallas" is built (tests/kernels_pallas/test_flash_attention.py); xla returns no lse.
+  # impl="pallas" is built (tests/kernels_pallas/test_flash_attention_kernel.py); xla returns no lse.
   q, k, v, *_ = _inputs(t=8)
   with pytest.raises(ValueError, match="unknown impl"):
     attn.blockwise_attention(q, k, v, impl="xla")
