@@ -19,11 +19,12 @@ import time
 import traceback
 
 import jax
-import ml_collections
 import numpy as np
 from absl import app
 from absl import flags
 
+from experiments.bench._lm125m import VOCAB as _VOCAB
+from experiments.bench._lm125m import lm_config
 from seqmix.models import lm
 from seqmix.train import metrics as metrics_lib
 from seqmix.train import optim
@@ -36,25 +37,6 @@ _IMPLS = flags.DEFINE_list("impls", ["chunked", "pallas"], "Op impls to pass as 
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 2048, "Tokens per sequence.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Sequences per step.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
-_VOCAB = 50304
-
-
-def lm_config(mixer: str, impl: str, seq_len: int) -> ml_collections.ConfigDict:
-  """GPT-2 small's shape with the house defaults of a modern LM block."""
-  m = ml_collections.ConfigDict()
-  m.vocab_size = _VOCAB
-  m.d_model = 768
-  m.n_layers = 12
-  m.mixer = mixer
-  m.mixer_kwargs = {} if impl == "auto" else {mixer: {"impl": impl}}
-  m.mlp = "swiglu"
-  m.mlp_ratio = 8 / 3
-  m.norm = "rmsnorm"
-  m.tie_embeddings = True
-  m.max_len = seq_len
-  m.dtype = "bfloat16"
-  m.param_dtype = "float32"
-  return m
 
 
 def time_row(mixer: str, impl: str) -> str:
