@@ -129,6 +129,15 @@ def prefetch_to_device(iterator, size: int = 2, sharding=None):
     yield item, state
 
 
+def mesh_config(train_cfg) -> dict:
+  """The mesh a run uses: `train.mesh`, or data parallel over all devices when several
+  processes run (their devices cannot be driven without a mesh); {} = one device."""
+  cfg = dict(train_cfg.get("mesh") or {})
+  if not cfg and jax.process_count() > 1:
+    cfg = {"data": -1}
+  return cfg
+
+
 def _due(step: int, every: int, last: int) -> bool:
   return step == last or (every > 0 and step % every == 0)
 
@@ -158,27 +167,34 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Ho
                                decay_steps=t.decay_steps)
   optimizer = optim.make_optimizer(t)
   dummy = {"inputs": np.zeros((1, int(t.seq_len)), np.int32)}
-  mesh = rules = shardings = batch_sharding = None
-  if t.get("mesh"):  # sharded: params initialised on the mesh, the step jitted with shardings
-    mesh = mesh_lib.make_mesh(t.mesh)
-    rules = mesh_lib.logical_rules(t.mesh)
-    state, shardings = sharding_lib.create_sharded_train_state(
-        model, optimizer, jax.random.PRNGKey(int(config.seed)), dummy, mesh, rules)
-    batch_sharding = sharding_lib.batch_sharding(mesh, rules)
-    tqdm.write(f"mesh {dict(mesh.shape)}; parameter shardings:\n"
-               + sharding_lib.sharding_table(state, shardings))
-  else:
-    state = state_lib.create_train_state(model, optimizer,
-                                         jax.random.PRNGKey(int(config.seed)), dummy)
-
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
                                async_save=t.async_checkpoint)
+  resume = ckpt.latest_step() is not None
+  init_rng = jax.random.PRNGKey(int(config.seed))
+  mesh = rules = shardings = batch_sharding = None
+  mesh_cfg = mesh_config(t)
+  if mesh_cfg:  # sharded: params initialised on the mesh, the step jitted with shardings
+    mesh = mesh_lib.make_mesh(mesh_cfg)
+    rules = mesh_lib.logical_rules(mesh_cfg)
+    if resume:  # the checkpoint is read straight onto this mesh, whatever mesh wrote it
+      shardings = sharding_lib.state_shardings(model, optimizer, dummy, mesh, rules)
+      state = sharding_lib.abstract_train_state(model, optimizer, dummy, shardings)
+    else:
+      state, shardings = sharding_lib.create_sharded_train_state(
+          model, optimizer, init_rng, dummy, mesh, rules)
+    batch_sharding = sharding_lib.batch_sharding(mesh, rules)
+  else:
+    state = state_lib.create_train_state(model, optimizer, init_rng, dummy)
+
   best_val = math.inf
-  if ckpt.latest_step() is not None:
+  if resume:
     state, data_state, meta = ckpt.restore(state)
     data.train.set_state(data_state)
     saved_best = meta.get("best_val_loss")
     best_val = math.inf if saved_best is None else float(saved_best)
+  if mesh is not None:
+    tqdm.write(f"mesh {dict(mesh.shape)}; parameter shardings:\n"
+               + sharding_lib.sharding_table(state, shardings))
   start = int(jax.device_get(state.step))
 
   if mesh is None:
