@@ -4,22 +4,27 @@ On the 8 simulated CPU devices: a tiny mha LM trained 2 steps sharded fsdp=8 is 
 restored as data=2 x fsdp=4 (orbax restore with the new mesh's `state_shardings`): params
 and optimizer state must be identical and laid out as the new mesh says, and 2 more steps
 on the new mesh must give the losses and params of 2 more steps on the old one. Then the
-same through `loop.train`: a run killed after a checkpoint on fsdp=8 resumes on
-data=2 x fsdp=4 and ends where the uninterrupted run ends.
+same through `loop.train` (a smaller stand-in model, to keep compiles short): a run killed
+after a checkpoint on fsdp=8 resumes on data=2 x fsdp=4 and ends where the uninterrupted run
+ends.
 """
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 from seqmix.models.lm import LanguageModel
+from seqmix.parallel import axes
 from seqmix.parallel import mesh as mesh_lib
 from seqmix.parallel import sharding
 from seqmix.testing import assert_rel_close
 from seqmix.testing import assert_trees_rel_close
 from seqmix.train import checkpoint as ckpt_lib
 from seqmix.train import optim
+from seqmix.train import state as state_lib
 
 # float32 everywhere; the two meshes reduce gradients in different orders (fsdp=8 sums 8
 # partial products, data=2 x fsdp=4 sums 4 then 2), so continued steps agree to rounding.
@@ -65,8 +70,10 @@ def test_restore_onto_a_different_mesh_continues_like_uninterrupted(tmp_path):
   model, opt = _model(), _optimizer()
   batches = _batches(4)
   mesh_a, rules_a, _, step_a = _setup(SAVE_MESH, model, opt, batches[0])
-  state, _ = sharding.create_sharded_train_state(model, opt, jax.random.PRNGKey(0), batches[0],
-                                                 mesh_a, rules_a)
+  # Placed rather than initialised sharded: the sharded init would compile for seconds more.
+  state = jax.device_put(
+      state_lib.create_train_state(model, opt, jax.random.PRNGKey(0), batches[0]),
+      sharding.state_shardings(model, opt, batches[0], mesh_a, rules_a).state)
   state, _ = _run(step_a, state, batches[:2], mesh_a, rules_a)
   ckpt = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
   try:
@@ -102,6 +109,28 @@ class Killed(Exception):
   pass
 
 
+class ShardedTinyLM(nn.Module):
+  """embed [V, D] -> x + Dense(x, x shifted by one) -> LayerNorm -> head [D, V], with logical
+  axis names, so that fsdp shards D (the LanguageModel of the test above compiles slower)."""
+  vocab_size: int = 64
+  d_model: int = 16
+
+  @nn.compact
+  def __call__(self, tokens, *, segment_ids=None, positions=None, cache=None,
+               deterministic=True):
+    del segment_ids, positions, deterministic
+    emb = self.param("embed", axes.param(nn.initializers.normal(0.02), axes.VOCAB, axes.EMBED),
+                     (self.vocab_size, self.d_model))
+    x = emb[tokens]  # [b, t, d]
+    prev = jnp.pad(x, ((0, 0), (1, 0), (0, 0)))[:, :-1]  # [b, t, d], x[t-1]
+    w = self.param("mix", axes.param(nn.initializers.lecun_normal(), axes.MLP, axes.EMBED),
+                   (2 * self.d_model, self.d_model))
+    x = nn.LayerNorm(name="norm")(x + jnp.concatenate([x, prev], -1) @ w)
+    head = self.param("head", axes.param(nn.initializers.lecun_normal(), axes.EMBED, axes.VOCAB),
+                      (self.d_model, self.vocab_size))
+    return (x @ head).astype(jnp.float32), cache
+
+
 def _loop(workdir, mesh, steps=4, kill_at=None):
   from experiments.configs import mqar as mqar_config  # pylint: disable=g-import-not-at-top
   from seqmix.train import loop  # pylint: disable=g-import-not-at-top
@@ -119,7 +148,7 @@ def _loop(workdir, mesh, steps=4, kill_at=None):
     if s == kill_at:
       raise Killed(s)
 
-  summary = loop.train(c, str(workdir), model=_model(vocab_size=c.data.vocab_size),
+  summary = loop.train(c, str(workdir), model=ShardedTinyLM(vocab_size=c.data.vocab_size),
                        hooks=[hook])
   return summary, losses
 
