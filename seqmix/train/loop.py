@@ -198,6 +198,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Ho
   t = config.train
   distributed.initialize(t.get("distributed", "auto"))  # before anything touches a device
   os.makedirs(workdir, exist_ok=True)
+  primary = jax.process_index() == 0  # the one process that prints and writes TensorBoard
+  log = tqdm.write if primary else (lambda *a, **k: None)
   data = data or make_data(config)
   n_attention = 0
   if model is None:
@@ -233,7 +235,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Ho
     saved_best = meta.get("best_val_loss")
     best_val = math.inf if saved_best is None else float(saved_best)
   if mesh is not None:
-    tqdm.write(f"mesh {dict(mesh.shape)}; parameter shardings:\n"
+    log(f"mesh {dict(mesh.shape)}; parameter shardings:\n"
                + sharding_lib.sharding_table(state, shardings))
   start = int(jax.device_get(state.step))
 
@@ -251,13 +253,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Ho
     eval_step = jax.jit(step_lib.make_eval_step(model, jit=False),
                         out_shardings=NamedSharding(mesh, P()))
     put = functools.partial(sharding_lib.global_batch, sharding=batch_sharding)
-  writer = metrics_lib.MetricWriter(os.path.join(workdir, "tb") if t.tensorboard else None)
+  writer = metrics_lib.MetricWriter(
+      os.path.join(workdir, "tb") if t.tensorboard and primary else None, console=primary)
   n_params = metrics_lib.param_count(state.params)
   fpt = metrics_lib.flops_per_token(
       metrics_lib.matmul_param_count(state.params),
       n_attention_layers=n_attention, d_model=int(config.model.get("d_model", 0)),
       seq_len=int(t.seq_len))
-  tqdm.write(f"model: {n_params:,} parameters; training steps {start} -> {t.steps}; "
+  log(f"model: {n_params:,} parameters; training steps {start} -> {t.steps}; "
              f"workdir {workdir}")
 
   def meta():
@@ -267,7 +270,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Ho
   last_train: dict[str, float] = {}
   val: dict[str, float] | None = None
   val_step = -1
-  pbar = tqdm(total=int(t.steps), initial=start, disable=not t.progress, dynamic_ncols=True,
+  pbar = tqdm(total=int(t.steps), initial=start, disable=not (t.progress and primary), dynamic_ncols=True,
               desc="train")
   meter = metrics_lib.Throughput()
 
@@ -344,7 +347,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Ho
         ckpt.save(done, state, data_state, meta())
       meter = metrics_lib.Throughput()  # eval and checkpoint time is not training time
       if stop:
-        tqdm.write(f"validation accuracy {val['accuracy']:.4f} > train.early_stop_accuracy="
+        log(f"validation accuracy {val['accuracy']:.4f} > train.early_stop_accuracy="
                    f"{t.early_stop_accuracy}: stopping at step {done}.")
         break
     if lagged is not None:
@@ -365,7 +368,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Ho
   # processes those are not all addressable here, so multi-host runs skip it.
   if t.sample_tokens > 0 and data.decode is not None and jax.process_count() == 1:
     summary["sample"] = sample_text(model, state.params, data, config)
-    tqdm.write("sample:\n" + summary["sample"])
+    log("sample:\n" + summary["sample"])
   return summary
 
 
