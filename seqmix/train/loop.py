@@ -225,6 +225,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Ho
       state, shardings = sharding_lib.create_sharded_train_state(
           model, optimizer, init_rng, dummy, mesh, rules)
     batch_sharding = sharding_lib.batch_sharding(mesh, rules)
+    row_axes = batch_sharding.spec[0] if batch_sharding.spec else None
+    n_rows = math.prod(mesh.shape[a] for a in ((row_axes,) if isinstance(row_axes, str)
+                                                else row_axes or ()))
+    if int(t.batch_size) % n_rows:
+      raise config_lib.ConfigError(
+          f"train.batch_size={t.batch_size} does not divide over the {n_rows} devices of the "
+          f"mesh's batch axes {row_axes} (mesh {dict(mesh.shape)}); make it a multiple of "
+          f"{n_rows} or change train.mesh.")
   else:
     state = state_lib.create_train_state(model, optimizer, init_rng, dummy)
 

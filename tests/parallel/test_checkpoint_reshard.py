@@ -162,3 +162,15 @@ def test_train_resumes_onto_the_mesh_the_config_now_asks_for(tmp_path):
   assert_rel_close(np.array([l for _, l in resumed_losses]),
                    np.array([l for _, l in losses[2:]]), RTOL, name="resumed losses")
   assert_rel_close(resumed["val"]["loss"], straight["val"]["loss"], RTOL, name="val loss")
+
+
+def test_batch_that_does_not_divide_over_the_mesh_is_refused(tmp_path):
+  from experiments.configs import mqar as mqar_config  # pylint: disable=g-import-not-at-top
+  from seqmix.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  from seqmix.train import loop  # pylint: disable=g-import-not-at-top
+
+  c = mqar_config.get_config("smoke")
+  c.train.update(batch_size=12, progress=False, tensorboard=False)
+  c.train.mesh = {"data": 8}
+  with pytest.raises(config_lib.ConfigError, match=r"batch_size=12 does not divide over the 8"):
+    loop.train(c, str(tmp_path), model=ShardedTinyLM(vocab_size=c.data.vocab_size))
