@@ -218,12 +218,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Ho
   if mesh_cfg:  # sharded: params initialised on the mesh, the step jitted with shardings
     mesh = mesh_lib.make_mesh(mesh_cfg)
     rules = mesh_lib.logical_rules(mesh_cfg)
-    if resume:  # the checkpoint is read straight onto this mesh, whatever mesh wrote it
-      shardings = sharding_lib.state_shardings(model, optimizer, dummy, mesh, rules)
-      state = sharding_lib.abstract_train_state(model, optimizer, dummy, shardings)
-    else:
-      state, shardings = sharding_lib.create_sharded_train_state(
-          model, optimizer, init_rng, dummy, mesh, rules)
     batch_sharding = sharding_lib.batch_sharding(mesh, rules)
     row_axes = batch_sharding.spec[0] if batch_sharding.spec else None
     n_rows = math.prod(mesh.shape[a] for a in ((row_axes,) if isinstance(row_axes, str)
@@ -233,6 +227,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Ho
           f"train.batch_size={t.batch_size} does not divide over the {n_rows} devices of the "
           f"mesh's batch axes {row_axes} (mesh {dict(mesh.shape)}); make it a multiple of "
           f"{n_rows} or change train.mesh.")
+    if resume:  # the checkpoint is read straight onto this mesh, whatever mesh wrote it
+      shardings = sharding_lib.state_shardings(model, optimizer, dummy, mesh, rules)
+      state = sharding_lib.abstract_train_state(model, optimizer, dummy, shardings)
+    else:
+      state, shardings = sharding_lib.create_sharded_train_state(
+          model, optimizer, init_rng, dummy, mesh, rules)
   else:
     state = state_lib.create_train_state(model, optimizer, init_rng, dummy)
 
