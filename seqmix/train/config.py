@@ -47,9 +47,16 @@ def train_defaults() -> ml_collections.ConfigDict:
   c.sample_top_k = 0          # top-k for that sample; 0: no top-k
   c.tensorboard = True        # write TensorBoard event files under <workdir>/tb
   c.progress = True           # show a tqdm progress bar
-  # Device mesh (seqmix.parallel.mesh.make_mesh: axis sizes data/fsdp/tensor/sequence, one may
-  # be -1; optional axis_types and logical-axis `rules`). Empty: one device, the plain step.
+  # Device mesh (seqmix.parallel.mesh.make_mesh): axis sizes, one of them may be -1 (all the
+  # remaining devices); 0 = not set (size 1 once any axis is set). None set: one device, the
+  # plain step. The fields exist so the command line can set them
+  # (--config.train.mesh.fsdp=8); a config may add `rules` (logical-axis rules).
   c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 0
+  c.mesh.fsdp = 0
+  c.mesh.tensor = 0
+  c.mesh.sequence = 0
+  c.mesh.axis_types = "auto"  # "auto" or "explicit" (jax 0.11 mesh axis types)
   # jax.distributed.initialize() (seqmix.parallel.distributed): "auto" when the launcher
   # started several processes (TPU pod slice, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS),
   # "on" always, "off" never. Several processes without a mesh train data-parallel.

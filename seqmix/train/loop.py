@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
+from seqmix.parallel import axes
 from seqmix.parallel import distributed
 from seqmix.parallel import mesh as mesh_lib
 from seqmix.parallel import sharding as sharding_lib
@@ -169,11 +170,13 @@ def _accumulate(acc: dict, m: dict) -> dict:
 
 
 def mesh_config(train_cfg) -> dict:
-  """The mesh a run uses: `train.mesh`, or data parallel over all devices when several
-  processes run (their devices cannot be driven without a mesh); {} = one device."""
-  cfg = dict(train_cfg.get("mesh") or {})
-  if not cfg and jax.process_count() > 1:
-    cfg = {"data": -1}
+  """The mesh a run uses: `train.mesh` without its unset (0) axes, or data parallel over all
+  devices when several processes run (their devices cannot be driven without a mesh);
+  {} = one device, the plain step."""
+  cfg = {k: v for k, v in dict(train_cfg.get("mesh") or {}).items()
+         if not (k in axes.MESH_AXES and int(v) == 0)}
+  if not any(k in axes.MESH_AXES for k in cfg):
+    cfg = {"data": -1} if jax.process_count() > 1 else {}
   return cfg
 
 

@@ -72,9 +72,12 @@ def test_config_refuses_unknown_distributed_mode():
     config_lib.validate(c, check_model=False)
 
 
-def test_several_processes_without_a_mesh_train_data_parallel(monkeypatch):
+def test_mesh_from_config_and_data_parallel_for_several_processes(monkeypatch):
   t = config_lib.train_defaults()
-  assert loop.mesh_config(t) == {}
+  assert loop.mesh_config(t) == {}  # no axis set: one device
+  t.mesh.fsdp = 8  # what --config.train.mesh.fsdp=8 sets
+  assert loop.mesh_config(t) == {"fsdp": 8, "axis_types": "auto"}
+  t = config_lib.train_defaults()
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   assert loop.mesh_config(t) == {"data": -1}
   t.mesh = {"fsdp": -1}
