@@ -4,8 +4,15 @@
       --config experiments/configs/shakespeare_char.py:mixer=mha \
       --config.train.steps=2000 --workdir runs/sc_mha
 
-Rerunning with the same --workdir resumes from its newest checkpoint. The config is
-validated before anything compiles; errors name the field and what to change.
+Rerunning with the same --workdir resumes from its newest checkpoint, onto the mesh the
+config asks for now (`--config.train.mesh.fsdp=8` then `--config.train.mesh.data=2
+--config.train.mesh.fsdp=4` is fine). The config is validated before anything compiles;
+errors name the field and what to change.
+
+Several hosts: start this same command on every host (one process per host);
+`train.distributed` ("auto": when the launcher says there are several processes; "on" on a
+TPU pod slice) calls `jax.distributed.initialize()` first, each process reads its own rows
+of every batch, and --workdir must be a directory all hosts share (e.g. gs:// or NFS).
 """
 
 import sys
@@ -15,6 +22,7 @@ from absl import logging as absl_logging
 from absl import flags
 from ml_collections import config_flags
 
+from seqmix.parallel import distributed
 from seqmix.train import loop
 from seqmix.train.config import ConfigError
 
@@ -36,6 +44,8 @@ def main(argv):
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError("Give --config=experiments/configs/<study>.py[:arg] and --workdir.")
   try:
+    # First, before anything touches a device (loop.train calls it again: a no-op then).
+    distributed.initialize(_CONFIG.value.train.get("distributed", "auto"))
     summary = run(_CONFIG.value, _WORKDIR.value)
   except ConfigError as e:
     print(f"Config error: {e}", file=sys.stderr)

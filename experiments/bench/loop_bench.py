@@ -12,12 +12,19 @@ count):
   loop        `loop.train` with evaluation, checkpoints, TensorBoard and the progress bar off
   loop+tb+bar the same with TensorBoard and the tqdm bar on
   loop+eval+ckpt  the same with evaluation and (async) checkpoints every 100 steps
+  loop (GIL 0.2 ms)  `loop` with sys.setswitchinterval(2e-4) instead of Python's 5 ms: the
+              data threads (grain's and the prefetcher) hold the GIL while the main thread
+              waits to dispatch; a shorter interval bounds that wait
 The per-step time of a `loop` variant comes from a hook that records the host clock after
-every update; the last step is synchronised before the clock stops.
+every update; the last step is synchronised before the clock stops. The table ends with each
+loop variant's ratio to `step` (issue 16's target: the loop within 10 %, ratio <= 1.10).
+--profile_dir=DIR writes a jax.profiler trace of the `loop` variant (TensorBoard / Perfetto).
 """
 
+import contextlib
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -25,6 +32,7 @@ import jax
 import numpy as np
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 
 from experiments.configs import shakespeare_char
 from seqmix.train import loop
@@ -35,6 +43,7 @@ from seqmix.train import step as step_lib
 _ARG = flags.DEFINE_string("config_arg", "mixer=mha",
                            "shakespeare_char.get_config argument ('mixer=mha,smoke' on a CPU).")
 _STEPS = flags.DEFINE_integer("steps", 300, "Steps per variant (the first 50 are not timed).")
+_PROFILE = flags.DEFINE_string("profile_dir", None, "Write a jax.profiler trace of `loop` here.")
 _SKIP = 50
 
 
@@ -114,24 +123,41 @@ def time_loop(config) -> tuple[float, float]:
 
 def main(argv):
   del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
   os.environ.setdefault("SEQMIX_DATA_DIR", os.path.join(os.getcwd(), "shared", "data"))
   device = jax.devices()[0]
   print(f"device {device.device_kind}; config {_ARG.value}; {_STEPS.value} steps per variant "
         f"(first {_SKIP} untimed)", flush=True)
   rows = []
   data = loop.make_data(_config())
-  rows.append(("step", time_step_only(_config(), data), None))
+  step_ms = time_step_only(_config(), data)
+  rows.append(("step", step_ms, None))
   rows.append(("data (host, per batch)", time_data_only(loop.make_data(_config())), None))
   rows.append(("step+data", time_step_with_data(_config(), loop.make_data(_config())), None))
-  for name, over in (("loop", {}),
-                     ("loop+tb+bar", {"tensorboard": True, "progress": True}),
-                     ("loop+eval+ckpt", {"eval_every": 100, "ckpt_every": 100})):
-    mean, med = time_loop(_config(**over))
+  print(f"  step: {step_ms:.2f} ms/step", flush=True)
+  default_interval = sys.getswitchinterval()
+  for name, over, interval in (
+      ("loop", {}, default_interval),
+      ("loop+tb+bar", {"tensorboard": True, "progress": True}, default_interval),
+      ("loop+eval+ckpt", {"eval_every": 100, "ckpt_every": 100}, default_interval),
+      ("loop (GIL 0.2 ms)", {}, 2e-4)):
+    trace = (jax.profiler.trace(_PROFILE.value) if _PROFILE.value and name == "loop"
+             else contextlib.nullcontext())
+    sys.setswitchinterval(interval)
+    try:
+      with trace:
+        mean, med = time_loop(_config(**over))
+    finally:
+      sys.setswitchinterval(default_interval)
     rows.append((name, mean, med))
     print(f"  {name}: mean {mean:.2f} ms/step, median {med:.2f}", flush=True)
-  print(f"\n{'variant':<24} {'ms/step (mean)':>15} {'median':>8}")
+  print(f"\n{'variant':<24} {'ms/step (mean)':>15} {'median':>8} {'/ step':>7}")
   for name, mean, med in rows:
-    print(f"{name:<24} {mean:>15.2f} {'' if med is None else f'{med:8.2f}'}")
+    ratio = f"{mean / step_ms:7.2f}" if name.startswith("loop") else ""
+    print(f"{name:<24} {mean:>15.2f} {'' if med is None else f'{med:8.2f}':>8} {ratio}")
+  loop_ms = rows[[r[0] for r in rows].index("loop")][1]
+  print(f"\nstep-only {step_ms:.2f} ms/step, loop {loop_ms:.2f} ms/step, "
+        f"ratio {loop_ms / step_ms:.2f} (target <= 1.10)")
 
 
 if __name__ == "__main__":

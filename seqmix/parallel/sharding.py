@@ -166,6 +166,21 @@ def state_shardings(model, optimizer: optax.GradientTransformation, batch, mesh,
   return StateShardings(state=state, notes=notes)
 
 
+def _create_fn(model, optimizer):
+  def create(rng, tokens):
+    init_rng, step_rng = jax.random.split(rng)
+    params = nn.meta.unbox(
+        model.init({"params": init_rng, "dropout": init_rng}, tokens,
+                   deterministic=True)["params"])
+    return state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                opt_state=optimizer.init(params), rng=step_rng)
+  return create
+
+
+def _tokens_like(batch):
+  return jax.ShapeDtypeStruct((1,) + tuple(np.shape(batch["inputs"])[1:]), jnp.int32)
+
+
 def create_sharded_train_state(model, optimizer, rng, batch, mesh, rules):
   """`create_train_state`'s state, initialised directly sharded; returns (state, shardings).
 
@@ -174,18 +189,36 @@ def create_sharded_train_state(model, optimizer, rng, batch, mesh, rules):
   only ever holds its shards.
   """
   shardings = state_shardings(model, optimizer, batch, mesh, rules)
-  tokens = jnp.zeros((1,) + tuple(np.shape(batch["inputs"])[1:]), jnp.int32)
-
-  def create(rng, tokens):
-    init_rng, step_rng = jax.random.split(rng)
-    params = nn.meta.unbox(
-        model.init({"params": init_rng, "dropout": init_rng}, tokens,
-                   deterministic=True)["params"])
-    return state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                opt_state=optimizer.init(params), rng=step_rng)
-
-  state = jax.jit(create, out_shardings=shardings.state)(rng, tokens)
+  tokens = jnp.zeros(_tokens_like(batch).shape, jnp.int32)
+  state = jax.jit(_create_fn(model, optimizer), out_shardings=shardings.state)(rng, tokens)
   return state, shardings
+
+
+def abstract_train_state(model, optimizer, batch, shardings: StateShardings):
+  """The TrainState `create_sharded_train_state` would make, as ShapeDtypeStructs with its
+  shardings: the target to restore a checkpoint onto this mesh (nothing is allocated)."""
+  shapes = jax.eval_shape(_create_fn(model, optimizer), jax.random.PRNGKey(0),
+                          _tokens_like(batch))
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      shapes, shardings.state)
+
+
+def global_batch(local_batch: dict, sharding) -> dict:
+  """This process's rows of a batch -> global arrays sharded by `sharding` (the batch one).
+
+  local_batch: dict of [B/P, T] host arrays, P = jax.process_count() (the data pipeline gives
+    each process its own rows); on one process, the whole batch.
+  Each process puts only its own rows on its own devices
+  (`jax.make_array_from_process_local_data`); the global array is [B, T], process p's rows
+  at [p·B/P, (p+1)·B/P). Integer arrays are narrowed on the host to jax's canonical dtype
+  (int64 -> int32 without x64), so no conversion op runs per batch.
+  """
+  out = {}
+  for k, v in local_batch.items():
+    v = np.asarray(v)
+    v = v.astype(jax.dtypes.canonicalize_dtype(v.dtype), copy=False)
+    out[k] = jax.make_array_from_process_local_data(sharding, v)
+  return out
 
 
 def make_sharded_train_step(model, optimizer, mesh, rules, shardings: StateShardings, *,

@@ -8,6 +8,12 @@ StandardSave), `data` (the grain iterator's `get_state()`, JSON) and `meta` (JSO
 best validation loss so far, anything the loop wants back on resume).
 Orbax writes each step into a temporary directory and renames it when complete, so a run
 killed mid-save resumes from the previous complete checkpoint.
+
+Sharded states: every process writes its own shards of `state` (orbax / tensorstore), and
+`restore` reads them onto whatever shardings the target asks for, so a run saved on one mesh
+resumes on another (fsdp=8 -> data=2 x fsdp=4, or onto a single device). `data` and `meta`
+are written by the primary process only: the data state is the iterator's position, which is
+the same on every process (each reads its own rows of the same global batches).
 """
 
 import base64
@@ -15,7 +21,7 @@ import os
 from typing import Any
 
 import jax
-import numpy as np
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 
@@ -32,11 +38,35 @@ def _from_json(obj: Any) -> Any:
   return obj
 
 
+@jax.jit
+def _finite(tree) -> jax.Array:
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+           if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
+
+
 def all_finite(tree) -> bool:
-  """True if every floating leaf of `tree` is finite (checked on the host)."""
-  leaves = [x for x in jax.tree.leaves(tree) if np.issubdtype(np.asarray(x).dtype, np.floating)
-            or str(getattr(x, "dtype", "")) == "bfloat16"]
-  return all(bool(np.isfinite(np.asarray(jax.device_get(x), np.float32)).all()) for x in leaves)
+  """True if every floating leaf of `tree` is finite.
+
+  Reduced on the devices (one jitted call, one scalar back), so a sharded tree is checked
+  without gathering it and on every process of a multi-host run alike.
+  """
+  return bool(_finite(tree))
+
+
+def abstract_like(tree):
+  """The restore target of `tree`: each array -> ShapeDtypeStruct with its sharding.
+
+  ShapeDtypeStructs (e.g. from `seqmix.parallel.sharding.abstract_train_state`, sharded for
+  the mesh the run has now) pass through unchanged.
+  """
+  def one(x):
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return x
+    if isinstance(x, jax.Array):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return ocp.utils.to_shape_dtype_struct(x)
+  return jax.tree.map(one, tree)
 
 
 class Checkpointer:
@@ -84,12 +114,16 @@ class Checkpointer:
     return list(self._latest.all_steps())
 
   def restore(self, template_state, step: int | None = None, *, best: bool = False):
-    """(state, data_state, meta) of `step` (default: newest) shaped like `template_state`."""
+    """(state, data_state, meta) of `step` (default: newest).
+
+    template_state: a TrainState of arrays or of ShapeDtypeStructs with shardings; the state
+      comes back with its shapes, dtypes and shardings, whatever mesh it was saved from.
+    """
     mgr = self._best if best else self._latest
     step = mgr.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"No checkpoint under {mgr.directory}.")
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template_state)
+    abstract = abstract_like(template_state)
     out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                     data=ocp.args.JsonRestore(),
                                                     meta=ocp.args.JsonRestore()))

@@ -47,9 +47,20 @@ def train_defaults() -> ml_collections.ConfigDict:
   c.sample_top_k = 0          # top-k for that sample; 0: no top-k
   c.tensorboard = True        # write TensorBoard event files under <workdir>/tb
   c.progress = True           # show a tqdm progress bar
-  # Device mesh (seqmix.parallel.mesh.make_mesh: axis sizes data/fsdp/tensor/sequence, one may
-  # be -1; optional axis_types and logical-axis `rules`). Empty: one device, the plain step.
+  # Device mesh (seqmix.parallel.mesh.make_mesh): axis sizes, one of them may be -1 (all the
+  # remaining devices); 0 = not set (size 1 once any axis is set). None set: one device, the
+  # plain step. The fields exist so the command line can set them
+  # (--config.train.mesh.fsdp=8); a config may add `rules` (logical-axis rules).
   c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 0
+  c.mesh.fsdp = 0
+  c.mesh.tensor = 0
+  c.mesh.sequence = 0
+  c.mesh.axis_types = "auto"  # "auto" or "explicit" (jax 0.11 mesh axis types)
+  # jax.distributed.initialize() (seqmix.parallel.distributed): "auto" when the launcher
+  # started several processes (TPU pod slice, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS),
+  # "on" always, "off" never. Several processes without a mesh train data-parallel.
+  c.distributed = "auto"
   return c
 
 
@@ -88,7 +99,7 @@ def _field_default(cls, field: str):
 
 
 # train keys a config may leave out (configs written before they existed keep working).
-OPTIONAL_TRAIN = ("mesh",)
+OPTIONAL_TRAIN = ("mesh", "distributed")
 
 
 def validate(config: ml_collections.ConfigDict, *, check_model: bool = True) -> None:
@@ -116,6 +127,8 @@ def validate(config: ml_collections.ConfigDict, *, check_model: bool = True) -> 
   if t.decay_steps <= t.warmup_steps:
     raise ConfigError(f"train.decay_steps={t.decay_steps} must exceed train.warmup_steps="
                       f"{t.warmup_steps}; usually decay_steps = steps.")
+  if str(t.get("distributed", "auto")).lower() not in ("auto", "on", "off"):
+    raise ConfigError(f"train.distributed={t.distributed!r} must be 'auto', 'on' or 'off'.")
   if not 0 <= t.min_lr <= t.lr:
     raise ConfigError(f"train.min_lr={t.min_lr} must lie in [0, train.lr={t.lr}].")
 

@@ -98,16 +98,18 @@ def make_eval_step(model: nn.Module, *, jit: bool = True):
   return jax.jit(eval_step) if jit else eval_step
 
 
-def evaluate(eval_step, params, batches) -> dict[str, float]:
+def evaluate(eval_step, params, batches, *, put=None) -> dict[str, float]:
   """Token-weighted loss and accuracy over every batch of `batches` (the whole split).
 
   Sums are accumulated on the host in float64, so the result is the mean over all scored
-  tokens of the split, not a mean of per-batch means.
+  tokens of the split, not a mean of per-batch means. put: host batch -> device batch
+  (default: `jnp.asarray` of each array; the loop passes its sharded / multi-process one).
   """
+  put = put or (lambda b: {k: jnp.asarray(v) for k, v in b.items()})
   nll = tokens = correct = 0.0
   pending = []
   for batch in batches:
-    pending.append(eval_step(params, {k: jnp.asarray(v) for k, v in batch.items()}))
+    pending.append(eval_step(params, put(batch)))
   for s, n, c in jax.device_get(pending):
     nll += float(s)
     tokens += float(n)

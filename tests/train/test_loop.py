@@ -109,3 +109,41 @@ def test_checkpointer_refuses_non_finite_params(tmp_path):
     assert ckpt.latest_step() is None
   finally:
     ckpt.close()
+
+
+def test_loop_does_not_wait_for_the_device_between_log_points(tmp_path, monkeypatch):
+  """The host reads device values only once per log window (not per step).
+
+  Counts the device->host reads that go through jax.Array's Python methods (`device_get`,
+  `float` / `int` / `bool`, `block_until_ready`); a plain `np.asarray(array)` takes a C++
+  path this cannot see. Each hook call records the count: it may change only where a window
+  was just read (the lagged read of the window that ended one step earlier).
+  """
+  from jax._src import array as array_lib  # pylint: disable=g-import-not-at-top
+
+  reads = []
+  value = array_lib.ArrayImpl._value
+  block = array_lib.ArrayImpl.block_until_ready
+
+  def counted_value(self):
+    if self._npy_value is None:  # a cached value costs nothing
+      reads.append(1)
+    return value.fget(self)
+
+  def counted_block(self):
+    reads.append(1)
+    return block(self)
+
+  config = _config(steps=12, ckpt_every=0, log_every=4)  # checkpoint and eval at the end
+  config.train.tensorboard = False
+  seen = []
+  monkeypatch.setattr(array_lib.ArrayImpl, "_value", property(counted_value))
+  monkeypatch.setattr(array_lib.ArrayImpl, "block_until_ready", counted_block)
+  summary = loop.train(config, str(tmp_path), model=_model(config),
+                       hooks=[lambda s, m: seen.append(len(reads))])
+  monkeypatch.undo()
+  assert summary["step"] == 12 and np.isfinite(summary["train"]["loss"])
+  changed = [s for s in range(1, 12) if seen[s] != seen[s - 1]]
+  # Windows [0, 4) and [4, 8) are read while steps 4 and 8 run, i.e. after hooks 4 and 8.
+  assert set(changed) <= {5, 9}, f"host read device values before the hooks of steps {changed}"
+  assert changed, "the lagged log reads were not counted: the test would not see a sync"
