@@ -27,6 +27,7 @@ import os
 from collections.abc import Iterable, Sequence
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 matplotlib.rcParams["svg.fonttype"] = "none"  # SVG text stays text (searchable, editable)
@@ -99,9 +100,13 @@ def accuracy_vs_d_model(records, out_dir, results_path):
       pts = sorted((r["config"]["d_model"], r["metrics"]["accuracy"])
                    for r in rs if r["config"]["mixer"] == mixer)
       ax.plot(*zip(*pts), "o-", color=colors[mixer], label=mixer)
+    for r in sweep.best_of_lrs(records):  # groups that did not fit: a cross at 0
+      c = r["config"]
+      if r["status"] == "oom" and (c["task"], c["seq_len"]) == (task, t):
+        ax.plot([c["d_model"]], [0], "x", ms=9, color=colors.get(c["mixer"], "k"))
     ax.set_xscale("log", base=2)
     ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("d_model")
+    ax.set_xlabel("d_model (x: out of memory)")
     ax.set_ylabel("accuracy (best lr)")
     ax.set_title(f"{task}, T={t}")
     ax.grid(alpha=0.3)
@@ -113,21 +118,23 @@ def accuracy_vs_state(records, out_dir, results_path):
   best = [r for r in _ok(records) if r.get("state_bytes")]
   if not best:
     return []
+  keys = sorted({(r["config"]["task"], r["config"]["seq_len"]) for r in best})
   colors = _colors({r["config"]["mixer"] for r in best})
-  fig, (ax,) = _panels(1, width=5.5, height=4)
-  for mixer in sorted({r["config"]["mixer"] for r in best}):
-    rs = sorted((r for r in best if r["config"]["mixer"] == mixer),
-                key=lambda r: r["state_bytes"])
-    ax.plot([r["state_bytes"] for r in rs], [r["metrics"]["accuracy"] for r in rs], "o-",
-            color=colors[mixer], label=mixer)
-  ax.set_xscale("log")
-  ax.set_ylim(-0.02, 1.02)
-  ax.set_xlabel("decode state per sequence at T (bytes; attention: KV cache)")
-  ax.set_ylabel("accuracy (best lr)")
-  tasks = sorted({f"{r['config']['task']} T={r['config']['seq_len']}" for r in best})
-  ax.set_title("accuracy vs state size (" + ", ".join(tasks) + ")", fontsize=9)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7, ncol=2)
+  fig, axes = _panels(len(keys), width=4.8, height=3.6)
+  for ax, (task, t) in zip(axes, keys):
+    rs = [r for r in best if (r["config"]["task"], r["config"]["seq_len"]) == (task, t)]
+    for mixer in sorted({r["config"]["mixer"] for r in rs}):
+      pts = sorted((r["state_bytes"], r["metrics"]["accuracy"])
+                   for r in rs if r["config"]["mixer"] == mixer)  # one point per d_model
+      ax.plot(*zip(*pts), "o-", color=colors[mixer], label=mixer)
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("decode state per sequence (bytes; attention: KV cache at T)", fontsize=8)
+    ax.set_ylabel("accuracy (best lr)")
+    ax.set_title(f"{task}, T={t}: accuracy vs state size", fontsize=9)
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=7, ncol=2)
   return _save(fig, out_dir, "accuracy_vs_state", results_path, records)
 
 
@@ -154,8 +161,18 @@ def throughput_memory_vs_t(records, out_dir, results_path):
   for ax in (ax1, ax2):
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("T")
     ax.grid(alpha=0.3, which="both")
+  ooms = [r for r in sweep.best_of_lrs(records)
+          if r["status"] == "oom" and r["config"]["d_model"] == d
+          and r["oom"].get("bytes_requested")]
+  for r in ooms:  # the size a cell that did not fit asked for
+    ax2.plot([r["config"]["seq_len"]], [r["oom"]["bytes_requested"]], "x", ms=9,
+             color=colors.get(r["config"]["mixer"], "k"))
+  if ooms:
+    ax2.plot([], [], "x", color="k", label="out of memory (bytes requested)")
+    ax2.legend(fontsize=7)
   ax1.set_ylabel("training tokens/s (all vmapped lrs)")
   ax2.set_ylabel("device peak bytes" if use_peak else "compiled step bytes (XLA)")
   ax1.set_title(f"throughput, d_model={d}")
