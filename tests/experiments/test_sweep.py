@@ -1,5 +1,7 @@
 """experiments/sweep.py: cell keys, resume, OOM recording, one real tiny cell end to end."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -145,9 +147,11 @@ def test_model_config_positions():
 def test_one_real_cell_with_extrapolation(tmp_path):
   """The real train_group on a 2-step, d_model 16 model: a full record, accuracy at T and 2T."""
   path = str(tmp_path / "r.jsonl")
-  # one layer: compiling the vmapped training step dominates this test's time
-  counts = sweep.run_grid(_cells(mixers=("mha:position=rope",), extrapolate=(2,), n_layers=1), path,
-                          devices=1, log_every=1, progress=False)
+  # one layer: compiling the vmapped training step dominates this test's time. Batch 8 over
+  # the 8 simulated CPU devices (tests/conftest.py): the data-parallel path.
+  (cell,) = _cells(mixers=("mha:position=rope",), extrapolate=(2,), n_layers=1)
+  cell = dataclasses.replace(cell, batch=8)
+  counts = sweep.run_grid([cell], path, devices=0, log_every=1, progress=False)
   assert counts["ran"] == 1, sweep.load_results(path)
   (r,) = sweep.load_results(path)
   m = r["metrics"]
@@ -155,6 +159,7 @@ def test_one_real_cell_with_extrapolation(tmp_path):
   assert all(0.0 <= v <= 1.0 for v in m["accuracy_by_len"].values())
   assert [s for s, _ in m["loss_curve"]] == [1, 2] and np.isfinite(m["final_loss"])
   assert r["params"] > 0 and r["compiled_bytes"] > 0 and r["train_s"] > 0
+  assert r["n_devices"] == jax.device_count()
   # decode cache of one sequence at T=16: K and V of 1 layer, d_model 16, float32 (+ small
   # bookkeeping such as positions): at least 2 * 16 * 16 * 4 bytes
   assert r["state_bytes"] >= 2 * 16 * 16 * 4
