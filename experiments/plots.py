@@ -42,7 +42,8 @@ FIGURES = ("accuracy_vs_d_model", "accuracy_vs_state", "throughput_memory_vs_T",
 
 
 def _ok(records: Iterable[dict]) -> list[dict]:
-  return [r for r in sweep.best_of_lrs(records) if r["status"] == "ok"]
+  return [r for r in sweep.best_of_lrs(records)
+          if r["status"] == "ok" and r["metrics"].get("accuracy") is not None]
 
 
 def _colors(mixers: Sequence[str]) -> dict[str, object]:

@@ -602,14 +602,15 @@ def best_of_lrs(records: Iterable[dict]) -> list[dict]:
 
 def table(records: Iterable[dict]) -> str:
   """Best-of-lrs accuracy: a row per (task, T, mixer), a column per d_model ('oom' / 'err'
-  where the group did not finish)."""
+  where the group did not finish, 'eval-oom' where training fit but evaluation at T did not)."""
   best = best_of_lrs(records)
   ds = sorted({r["config"]["d_model"] for r in best})
   rows: dict[tuple, dict[int, str]] = {}
   for r in best:
     c = r["config"]
+    acc = (r.get("metrics") or {}).get("accuracy")
     cell = ("oom" if r["status"] == "oom" else "err" if r["status"] == "error"
-            else f"{r['metrics']['accuracy']:.3f}")
+            else "eval-oom" if acc is None else f"{acc:.3f}")
     rows.setdefault((c["task"], c["seq_len"], c["mixer"]), {})[c["d_model"]] = cell
   width = max([len(k[2]) for k in rows] + [5])
   lines = [f"{'task':<18} {'T':>6}  {'mixer':<{width}} " + " ".join(f"{'d=' + str(d):>7}"

@@ -10,14 +10,17 @@ overlaps the training stream. `test(seq_len=L, train_seq_len=T)` is the length-e
 set: the task at length L with the difficulty parameters of training length T (MQAR keeps the
 number of key-value pairs of T; the others have no length-dependent parameter).
 
-| name | definition | vocabulary |
-|---|---|---|
-| `mqar` | zoology's MQAR (`seqmix.data.mqar`), Fig. 2 setting: no random filler, pairs from zoology's table (T 64/128/256/512 -> 4/8/16/64, else T // 16) | `vocab_size` (8192) |
-| `mqar_based` | the Based-paper variant: mixed (T, pairs) segments, random filler (`mqar.generate_mqar_mixed`); `seq_len` is the padded length (>= the longest segment) | `vocab_size` (8192) |
-| `selective_copying` | Mamba's selective copying (`synthetic.SelectiveCopying`) | `num_tokens + 1` (17) |
-| `induction_heads` | H3 / Mamba induction heads (`synthetic.InductionHeads`) | `num_tokens + 1` (17) |
-| `passkey` | passkey retrieval, byte-level (`synthetic.PasskeyRetrieval`) | 256 |
-| `copy` | lag-k copy (`seqmix.data.copying`) | `vocab_size` (16) |
+Tasks (name: definition; the model's vocabulary):
+
+- `mqar`: zoology's MQAR (`seqmix.data.mqar`), the Fig. 2 setting: no random filler, pairs
+  from zoology's table (T 64/128/256/512 -> 4/8/16/64, else T // 16); `vocab_size` (8192).
+- `mqar_based`: the Based-paper variant, mixed (T, pairs) segments with random filler
+  (`mqar.generate_mqar_mixed`); `seq_len` is the padded length (>= the longest segment);
+  `vocab_size` (8192).
+- `selective_copying`: Mamba's selective copying (`synthetic.SelectiveCopying`); 17.
+- `induction_heads`: H3 / Mamba induction heads (`synthetic.InductionHeads`); 17.
+- `passkey`: passkey retrieval, byte-level (`synthetic.PasskeyRetrieval`); 256.
+- `copy`: lag-k copy (`seqmix.data.copying`); `vocab_size` (16).
 """
 
 from __future__ import annotations

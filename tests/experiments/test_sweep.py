@@ -163,3 +163,21 @@ def test_one_real_cell_with_extrapolation(tmp_path):
   # decode cache of one sequence at T=16: K and V of 1 layer, d_model 16, float32 (+ small
   # bookkeeping such as positions): at least 2 * 16 * 16 * 4 bytes
   assert r["state_bytes"] >= 2 * 16 * 16 * 4
+
+
+def test_eval_oom_is_recorded_not_fatal(tmp_path):
+  """Training fits, evaluation at 2T does not: accuracy at 2T is None and the oom is kept."""
+  path = str(tmp_path / "r.jsonl")
+
+  class EvalOOM(FakeTrain):
+    def __call__(self, cells, train_data, test_data, vocab_size, **kw):
+      res = super().__call__(cells, train_data, test_data, vocab_size, **kw)
+      res.accuracy[32] = np.full(len(cells), np.nan)
+      res.eval_oom[32] = sweep.oom_record(_oom(99), "eval T=32")
+      return res
+
+  sweep.run_grid(_cells(extrapolate=(2,)), path, train_fn=EvalOOM(), progress=False)
+  (r,) = sweep.load_results(path)
+  assert r["status"] == "ok" and r["metrics"]["accuracy_by_len"]["32"] is None
+  assert r["metrics"]["accuracy"] is not None
+  assert r["eval_oom"]["32"]["bytes_requested"] == 99
