@@ -1,4 +1,4 @@
-"""`make demo`: a small MQAR grid through the sweep harness, then a tiny char-level Shakespeare model.
+"""`make demo`: a small MQAR grid through the sweep harness, then a tiny char-level model.
 
   python -m experiments.demo
 
@@ -24,7 +24,7 @@ from seqmix.train import loop
 
 DEMO_MIXERS = ["mha", "gla", "mamba2", "hawk"]
 DEMO_D_MODELS = [32, 64]
-DEMO_STEPS = 600
+DEMO_STEPS = 500
 OUT = os.path.join("out", "demo")
 RESULTS = os.path.join(OUT, "mqar_sweep.jsonl")
 
@@ -84,7 +84,8 @@ def main() -> None:
   print(f"[demo] JAX {jax.__version__} on {jax.default_backend()}")
   os.makedirs(OUT, exist_ok=True)
   table, paths = run_mqar()
-  print("\nMQAR accuracy over the scored positions (T=64, 4 pairs, V=256, 600 steps, lr 3e-3 on "
+  print("\nMQAR accuracy over the scored positions (T=64, 4 pairs, V=256, "
+        f"{DEMO_STEPS} steps, lr 3e-3 on "
         "this machine).\nA small, equal budget: it shows how fast each mixer learns recall, not "
         "where it ends (README: MQAR on the H200).")
   print(table)

@@ -476,11 +476,21 @@ class _Data:
 def _base_record(cell: Cell, status: str) -> dict:
   return {"key": cell.key, "group": cell.group, "status": status, "config": cell.config(),
           "seed": cell.seed, "git_commit": _COMMIT[0], "device": jax.devices()[0].device_kind,
-          "backend": jax.default_backend(), "command": " ".join(sys.argv),
+          "backend": jax.default_backend(), "command": _command(),
           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 _COMMIT = [None]
+
+
+def _command() -> str:
+  """The command line, as `python -m experiments.<name> ...` when run as a module here."""
+  argv = list(sys.argv)
+  here = os.path.dirname(os.path.abspath(__file__))
+  if argv and argv[0].endswith(".py") and os.path.dirname(os.path.abspath(argv[0])) == here:
+    module = "experiments." + os.path.splitext(os.path.basename(argv[0]))[0]
+    argv = ["python", "-m", module] + argv[1:]
+  return " ".join(argv)
 
 
 def run_group(cells: Sequence[Cell], data: _Data, *, devices: int = 0, log_every: int = 100,

@@ -1,4 +1,4 @@
-"""experiments/demo.py: its mixers exist and its sweep cells build models (training is `make demo`)."""
+"""experiments/demo.py: its mixers exist, its sweep cells build models (training: `make demo`)."""
 
 import jax
 import jax.numpy as jnp
