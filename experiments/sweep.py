@@ -3,7 +3,8 @@
   python -m experiments.sweep --task=mqar --mixers=mha,gla,mamba2 --d_models=64,128,256 \
       --seq_lens=256 --lrs=1e-4,4.6e-4,2.2e-3,1e-2 --steps=2000 --results=out/sweep/mqar.jsonl
   python -m experiments.sweep --task=induction_heads --mixers='mha:position=rope',mamba2 \
-      --d_models=64 --seq_lens=256 --extrapolate=2,4,8,16 --results=out/sweep/ih.jsonl
+      --d_models=64 --seq_lens=256 --extrapolate=2,4,8,16,32,64 --eval_lens=64,128 \
+      --results=out/sweep/ih.jsonl
   python -m experiments.plots --results=out/sweep/mqar.jsonl      # the figures
 
 Cells. One cell is one (task, mixer, d_model, T, lr, steps, batch, ...) run; its key is a hash
@@ -22,7 +23,8 @@ except in extrapolation mode, where no model has a learned position table (it co
 the longer lengths): there `mha:position=none` is NoPE. Training: AdamW (b2 0.999, weight decay
 0.01), cosine decay to 0, no warmup, batches of `--batch` from a fixed training set; token
 accuracy over the scored positions of the test set (seed + 10), at T and, with
-`--extrapolate=2,4,...`, at every multiple of T (`metrics.accuracy_by_len`).
+`--extrapolate=2,4,...`, at every multiple of T, and at every length of `--eval_lens`
+(`metrics.accuracy_by_len`).
 
 Each line: `key`, `group`, `status` ("ok" | "oom" | "error"), `config`, `seed`, `metrics`
 (accuracy, final_loss, loss_curve [[step, loss], ...], accuracy_by_len, train_tokens_per_s),
@@ -108,11 +110,15 @@ class Cell:
   seed: int = 0
   task_kwargs: tuple[tuple[str, Any], ...] = ()  # sorted items (hashable)
   extrapolate: tuple[int, ...] = ()  # eval at m * seq_len for each m
+  eval_lens: tuple[int, ...] = ()  # and at these lengths (e.g. below T: induction heads 64...)
 
   def config(self) -> dict[str, Any]:
     c = dataclasses.asdict(self)
     c["task_kwargs"] = dict(self.task_kwargs)
     c["extrapolate"] = list(self.extrapolate)
+    c["eval_lens"] = list(self.eval_lens)
+    if not self.eval_lens:  # keys of cells written before eval_lens existed stay valid
+      del c["eval_lens"]
     c["schema"] = SCHEMA
     return c
 
@@ -138,6 +144,7 @@ def grid(*, task: str, mixers: Sequence[str], d_models: Sequence[int], seq_lens:
   kw = dict(fixed)
   kw["task_kwargs"] = tuple(sorted(dict(kw.get("task_kwargs") or {}).items()))
   kw["extrapolate"] = tuple(int(m) for m in kw.get("extrapolate") or ())
+  kw["eval_lens"] = tuple(sorted(int(t) for t in kw.get("eval_lens") or ()))
   return [Cell(task=task, mixer=m, d_model=int(d), seq_len=int(t), lr=float(lr), **kw)
           for m in mixers for t in seq_lens for d in d_models for lr in lrs]
 
@@ -236,7 +243,8 @@ def model_config(cell: Cell, vocab_size: int) -> ml_collections.ConfigDict:
     fit = mqar_config._fit_heads(name, cell.d_model)  # pylint: disable=protected-access
     kwargs = {**fit.get(name, {}), **kwargs}
   no_position = (name == "mha" and kwargs.get("position") == "none") or info.needs_positions
-  learned = no_position and not cell.extrapolate
+  learned = no_position and not (cell.extrapolate or any(t > cell.seq_len
+                                                         for t in cell.eval_lens))
   m = ml_collections.ConfigDict()
   m.vocab_size = vocab_size
   m.d_model = cell.d_model
@@ -463,8 +471,8 @@ class _Data:
   def test(self, cell: Cell) -> dict[int, Any]:
     task = self.task(cell)
     out = {}
-    for m in (1,) + tuple(cell.extrapolate):
-      length = m * cell.seq_len
+    lengths = {m * cell.seq_len for m in (1,) + tuple(cell.extrapolate)} | set(cell.eval_lens)
+    for length in sorted(lengths):
       out[length] = self._get(
           ("test", cell.task, cell.task_kwargs, length, cell.seq_len, cell.test_examples,
            cell.seed), lambda length=length: scored(*task.test(
@@ -652,6 +660,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("n_layers", 2, "Blocks.")
   flags.DEFINE_integer("seed", 0, "Seed (init, data; test set seed + 10).")
   flags.DEFINE_list("extrapolate", [], "Eval multiples of T, e.g. 2,4,8,16 (empty: off).")
+  flags.DEFINE_list("eval_lens", [], "Also eval at these lengths, e.g. 64,128 (below T).")
   flags.DEFINE_string("results", "out/sweep/results.jsonl",
                       "JSON-lines results file (appended; finished cells are skipped).")
   flags.DEFINE_integer("devices", 0, "Local devices to split the batch over (0: all).")
@@ -670,7 +679,8 @@ def main(argv):
                steps=f.steps, batch=f.batch, train_examples=f.train_examples,
                test_examples=f.test_examples, n_layers=f.n_layers, seed=f.seed,
                task_kwargs=json.loads(f.task_kwargs),
-               extrapolate=[int(m) for m in f.extrapolate])
+               extrapolate=[int(m) for m in f.extrapolate],
+               eval_lens=[int(t) for t in f.eval_lens])
   unknown = sorted({parse_mixer(c.mixer)[0] for c in cells} - set(registry.names()))
   if unknown:
     raise app.UsageError(f"Unregistered mixers {unknown}; registered: {registry.names()}.")

@@ -9,10 +9,11 @@ import pytest
 from experiments import sweep
 
 
-def _cells(lrs=(1e-3,), mixers=("mha",), extrapolate=(), n_layers=2):
+def _cells(lrs=(1e-3,), mixers=("mha",), extrapolate=(), n_layers=2, eval_lens=()):
   return sweep.grid(task="mqar", mixers=list(mixers), d_models=[16], seq_lens=[16], lrs=list(lrs),
                     steps=2, batch=4, train_examples=16, test_examples=8, n_layers=n_layers,
-                    task_kwargs={"vocab_size": 64}, extrapolate=list(extrapolate))
+                    task_kwargs={"vocab_size": 64}, extrapolate=list(extrapolate),
+                    eval_lens=list(eval_lens))
 
 
 class FakeTrain:
@@ -44,6 +45,7 @@ def test_keys_depend_on_every_field_and_group_ignores_lr():
                     task_kwargs={"vocab_size": 64})
   assert c.key != a.key and c.group != a.group
   assert _cells()[0].key == a.key  # stable across calls
+  assert _cells(eval_lens=(8,))[0].key != _cells()[0].key
 
 
 def test_resume_skips_finished_cells(tmp_path):
@@ -149,13 +151,13 @@ def test_one_real_cell_with_extrapolation(tmp_path):
   path = str(tmp_path / "r.jsonl")
   # one layer: compiling the vmapped training step dominates this test's time. Batch 8 over
   # the 8 simulated CPU devices (tests/conftest.py): the data-parallel path.
-  (cell,) = _cells(mixers=("mha:position=rope",), extrapolate=(2,), n_layers=1)
+  (cell,) = _cells(mixers=("mha:position=rope",), extrapolate=(2,), n_layers=1, eval_lens=(8,))
   cell = dataclasses.replace(cell, batch=8)
   counts = sweep.run_grid([cell], path, devices=0, log_every=1, progress=False)
   assert counts["ran"] == 1, sweep.load_results(path)
   (r,) = sweep.load_results(path)
   m = r["metrics"]
-  assert set(m["accuracy_by_len"]) == {"16", "32"}
+  assert set(m["accuracy_by_len"]) == {"8", "16", "32"}
   assert all(0.0 <= v <= 1.0 for v in m["accuracy_by_len"].values())
   assert [s for s, _ in m["loss_curve"]] == [1, 2] and np.isfinite(m["final_loss"])
   assert r["params"] > 0 and r["compiled_bytes"] > 0 and r["train_s"] > 0
