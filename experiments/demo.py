@@ -1,11 +1,13 @@
-"""`make demo`: a few mixers on a small MQAR task, then a tiny char-level Shakespeare model.
+"""`make demo`: a small MQAR grid through the sweep harness, then a tiny char-level model.
 
   python -m experiments.demo
 
-Runs on a CPU in about six minutes (2 cores). For each mixer in DEMO_MIXERS that is
-registered (others are skipped with a note) it trains a 2-layer model on MQAR (T=64, 4
-key-value pairs, vocabulary 256), prints the validation accuracy per mixer and saves a bar plot to
-out/demo/mqar_accuracy.png. Then, if the tinyshakespeare corpus is on this machine
+Runs on a CPU (2 cores). The MQAR part is `experiments.sweep` on a small grid: every mixer in
+DEMO_MIXERS that is registered (others are skipped with a note) × d_model in DEMO_D_MODELS,
+T=64 with 4 key-value pairs and a vocabulary of 256, one learning rate, DEMO_STEPS steps. Its
+results go to out/demo/mqar_sweep.jsonl (rerunning the demo skips the finished cells; delete
+the file to train again); it prints the best-of-lrs table and saves the accuracy-vs-d_model
+plot (PNG + SVG) to out/demo/plots/. Then, if the tinyshakespeare corpus is on this machine
 ($SEQMIX_DATA_DIR or the user cache; nothing is downloaded), it trains a small char-level
 model briefly and prints a sample.
 """
@@ -16,24 +18,24 @@ import time
 
 import jax
 
-from experiments.configs import mqar as mqar_config
 from experiments.configs import shakespeare_char as sc_config
 from seqmix import registry
 from seqmix.train import loop
 
 DEMO_MIXERS = ["mha", "gla", "mamba2", "hawk"]
+DEMO_D_MODELS = [32, 64]
+DEMO_STEPS = 500
 OUT = os.path.join("out", "demo")
+RESULTS = os.path.join(OUT, "mqar_sweep.jsonl")
 
 
-def mqar_demo_config(mixer: str):
-  c = mqar_config.get_config(f"mixer={mixer},smoke")
-  c.data.update(vocab_size=256, num_kv_pairs=4, num_train_examples=20_000,
-                num_test_examples=512)
-  c.model.update(d_model=64, max_len=64)
-  c.train.update(seq_len=64, batch_size=64, steps=800, decay_steps=800, lr=3e-3,
-                 warmup_steps=50, min_lr=3e-4, log_every=100, eval_every=100, ckpt_every=0,
-                 early_stop_accuracy=0.99)
-  return c
+def demo_cells(mixers=None) -> list:
+  """The demo's MQAR grid (experiments.sweep cells)."""
+  from experiments import sweep  # pylint: disable=g-import-not-at-top
+  return sweep.grid(task="mqar", mixers=list(mixers or DEMO_MIXERS), d_models=DEMO_D_MODELS,
+                    seq_lens=[64], lrs=[3e-3], steps=DEMO_STEPS, batch=64,
+                    train_examples=20_000, test_examples=512,
+                    task_kwargs={"vocab_size": 256, "num_kv_pairs": 4})
 
 
 def shakespeare_demo_config():
@@ -50,45 +52,23 @@ def _fresh(path: str) -> str:
   return path
 
 
-def run_mqar() -> dict[str, float]:
+def run_mqar() -> tuple[str, list[str]]:
+  """The grid through experiments.sweep; returns (the table, the plot paths)."""
+  from experiments import plots, sweep  # pylint: disable=g-import-not-at-top
   available = set(registry.names())
-  results: dict[str, float] = {}
   for mixer in DEMO_MIXERS:
     if mixer not in available:
       print(f"[demo] skipping {mixer!r}: not registered in this checkout.")
-      continue
-    print(f"[demo] MQAR with {mixer} ...")
-    t0 = time.time()
-    summary = loop.train(mqar_demo_config(mixer), _fresh(os.path.join(OUT, f"mqar_{mixer}")))
-    results[mixer] = summary["val"]["accuracy"]
-    print(f"[demo] {mixer}: accuracy {results[mixer]:.3f} after {summary['step']} steps "
-          f"({time.time() - t0:.0f} s)")
-  return results
-
-
-def print_table(results: dict[str, float]) -> None:
-  print("\nMQAR (T=64, 4 pairs, V=256, d_model 64, 800 steps on this machine), validation "
-        "accuracy over the scored positions.\nA small, equal budget: it shows how fast each "
-        "mixer learns recall, not where it ends (README: MQAR on an H100).")
-  print(f"{'mixer':<12} accuracy")
-  for mixer, acc in results.items():
-    print(f"{mixer:<12} {acc:.3f}")
-
-
-def save_plot(results: dict[str, float]) -> str:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(max(3, 1.2 * len(results) + 1), 3))
-  ax.bar(list(results), list(results.values()), color="tab:blue")
-  ax.set_ylim(0, 1)
-  ax.set_ylabel("MQAR accuracy")
-  ax.set_title("MQAR T=64, 4 pairs, 800 steps")
-  fig.tight_layout()
-  path = os.path.join(OUT, "mqar_accuracy.png")
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  cells = demo_cells([m for m in DEMO_MIXERS if m in available])
+  print(f"[demo] MQAR (T=64, 4 pairs, V=256): {len(cells)} cells, {DEMO_STEPS} steps each, "
+        f"results {RESULTS}")
+  t0 = time.time()
+  counts = sweep.run_grid(cells, RESULTS, log_every=100)
+  print(f"[demo] {counts} in {time.time() - t0:.0f} s")
+  keys = {c.key for c in cells}
+  records = [r for r in sweep.load_results(RESULTS) if r["key"] in keys]
+  paths = plots.make_plots(RESULTS, os.path.join(OUT, "plots"), which=["accuracy_vs_d_model"])
+  return sweep.table(records), paths
 
 
 def corpus_available() -> bool:
@@ -103,10 +83,13 @@ def corpus_available() -> bool:
 def main() -> None:
   print(f"[demo] JAX {jax.__version__} on {jax.default_backend()}")
   os.makedirs(OUT, exist_ok=True)
-  results = run_mqar()
-  if results:
-    print_table(results)
-    print(f"[demo] plot saved to {save_plot(results)}")
+  table, paths = run_mqar()
+  print("\nMQAR accuracy over the scored positions (T=64, 4 pairs, V=256, "
+        f"{DEMO_STEPS} steps, lr 3e-3 on "
+        "this machine).\nA small, equal budget: it shows how fast each mixer learns recall, not "
+        "where it ends (README: MQAR on the H200).")
+  print(table)
+  print(f"[demo] plot saved to {paths[0] if paths else '(none: no cell finished)'}")
   if "mha" not in registry.names():
     print("[demo] skipping tinyshakespeare: the 'mha' mixer is not registered.")
   elif not corpus_available():

@@ -173,3 +173,48 @@ def mqar_accuracy(logits_or_preds, targets):
   has = count > 0
   mean = jnp.sum(jnp.where(has, per_example, 0.0)) / jnp.maximum(jnp.sum(has), 1)
   return per_example.astype(jnp.float32), mean.astype(jnp.float32)
+
+
+# The Based paper's MQAR mix (train), as (T, pairs, examples): zoology's multi-segment training
+# (`train_configs`) of Arora et al. 2024, "Simple linear attention language models balance the
+# recall-throughput tradeoff" (Based, arXiv:2402.18668). The list is from our reading of that
+# setup, not checked line by line against its config file: pass `segments` to change it.
+BASED_TRAIN_SEGMENTS = ((64, 4, 100_000), (128, 8, 20_000), (256, 16, 20_000),
+                        (256, 32, 20_000), (256, 64, 20_000))
+BASED_TEST_SEGMENTS = ((64, 4, 1_000), (64, 8, 1_000), (64, 16, 1_000), (128, 32, 1_000),
+                       (256, 64, 1_000))
+
+
+def generate_mqar_mixed(segments, *, vocab_size: int = 8192, seed: int, power_a: float = 0.01,
+                        random_non_queries: bool = True, seq_len: int | None = None):
+  """The Based-paper MQAR variant: several (T, pairs) settings in one shuffled set.
+
+  Each segment `(T_i, P_i, n_i)` is `generate_mqar(MQARConfig(V, T_i, P_i, power_a,
+  random_non_queries), n_i, seed=1000 * seed + i)` (zoology's generator, random filler on by
+  default as in the Based paper). Rows shorter than `seq_len` (default: the longest T_i) are
+  padded on the right with token 0 and target -100: a causal model never sees the padding
+  from a scored position, so padding changes no prediction. The rows are then shuffled by
+  `np.random.RandomState(seed)`. Every row keeps zoology's invariants (each key queried once,
+  exactly P_i scored positions).
+
+  Returns:
+    (inputs [N, T] int32, targets [N, T] int32, lengths [N] int32 (each row's own T_i),
+     pairs [N] int32 (each row's P_i)), N = sum n_i, T = seq_len.
+  """
+  segments = [tuple(int(v) for v in s) for s in segments]
+  if not segments:
+    raise ValueError("segments is empty; give (seq_len, num_kv_pairs, num_examples) triples.")
+  t_max = max(s[0] for s in segments) if seq_len is None else int(seq_len)
+  if any(s[0] > t_max for s in segments):
+    raise ValueError(f"seq_len={t_max} is shorter than a segment's T: {segments}.")
+  xs, ys, lens, pairs = [], [], [], []
+  for i, (t, p, n) in enumerate(segments):
+    cfg = MQARConfig(vocab_size=vocab_size, seq_len=t, num_kv_pairs=p, power_a=power_a,
+                     random_non_queries=random_non_queries)
+    x, y = generate_mqar(cfg, n, 1000 * int(seed) + i)
+    xs.append(np.pad(x, ((0, 0), (0, t_max - t))))
+    ys.append(np.pad(y, ((0, 0), (0, t_max - t)), constant_values=IGNORE))
+    lens.append(np.full(n, t, np.int32))
+    pairs.append(np.full(n, p, np.int32))
+  order = np.random.RandomState(seed).permutation(sum(s[2] for s in segments))
+  return tuple(np.concatenate(a)[order].astype(np.int32) for a in (xs, ys, lens, pairs))

@@ -1,13 +1,12 @@
-"""experiments/demo.py: its mixers exist and its configs build models (training is `make demo`)."""
+"""experiments/demo.py: its mixers exist, its sweep cells build models (training: `make demo`)."""
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 from experiments import demo
+from experiments import sweep
 from seqmix import registry
-from seqmix.train import loop
-from seqmix.train.config import validate
 
 
 def test_demo_mixers_are_registered():
@@ -16,11 +15,12 @@ def test_demo_mixers_are_registered():
 
 
 @pytest.mark.parametrize("mixer", demo.DEMO_MIXERS)
-def test_demo_mqar_config_builds(mixer):
-  cfg = demo.mqar_demo_config(mixer)
-  validate(cfg)
-  model = loop.build_model(cfg.model, cfg.data.vocab_size)
-  x = jnp.zeros((2, cfg.train.seq_len), jnp.int32)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))
-  logits = jax.eval_shape(lambda p: model.apply(p, x)[0], shapes)
-  assert logits.shape == (2, cfg.train.seq_len, cfg.data.vocab_size)
+def test_demo_mqar_cells_build(mixer):
+  cells = demo.demo_cells([mixer])
+  assert len(cells) == len(demo.DEMO_D_MODELS)
+  for cell in cells:
+    model = sweep.build_model(cell, 256)
+    x = jnp.zeros((2, cell.seq_len), jnp.int32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))
+    logits = jax.eval_shape(lambda p: model.apply(p, x)[0], shapes)
+    assert logits.shape == (2, cell.seq_len, 256)
