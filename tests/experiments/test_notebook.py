@@ -1,4 +1,4 @@
-"""experiments/notebooks/quickstart.ipynb runs headlessly, so the notebook path users take never rots."""
+"""experiments/notebooks/quickstart.ipynb runs headlessly (the path users take never rots)."""
 
 import os
 
