@@ -26,7 +26,7 @@ setuptools.setup(
         "scipy",
     ],
     extras_require={
-        "test": ["pytest>=9", "pytest-xdist"],
+        "test": ["pytest>=9", "pytest-xdist", "nbclient", "nbformat", "ipykernel"],
         "bench": ["pandas"],
         "gpu": ["jax[cuda13]"],
         "tpu": ["jax[tpu]"],

@@ -20,6 +20,45 @@ FAMILIES = ("attention", "linear-attention", "ssm", "linear-rnn", "nonlinear-rnn
 
 
 @dataclasses.dataclass(frozen=True)
+class Ancestor:
+  """An architecture a registered mixer builds on that seqmix does not implement.
+
+  name: the key `parents` entries use.
+  paper, year: the paper that introduced it (the year of its first public version).
+  family: the FAMILIES lane the family tree draws it in.
+  parents: its own ancestors (other external ancestors or registered mixers).
+  """
+  name: str
+  paper: str
+  year: int
+  family: str
+  parents: tuple[str, ...] = ()
+
+
+# The only names besides registered mixers that a `parents` entry may use: a lineage ends in a
+# paper, not in a typo. `lineage_errors()` (and tests/test_registry.py) enforce it.
+EXTERNAL_ANCESTORS: dict[str, Ancestor] = {a.name: a for a in (
+    Ancestor("rnn", "Finding Structure in Time (Elman)", 1990, "nonlinear-rnn"),
+    Ancestor("fast_weights", "Learning to Control Fast-Weight Memories (Schmidhuber)", 1992,
+             "linear-attention"),
+    Ancestor("lstm", "Long Short-Term Memory", 1997, "nonlinear-rnn", ("rnn",)),
+    Ancestor("gru", "Learning Phrase Representations using RNN Encoder-Decoder", 2014,
+             "nonlinear-rnn", ("lstm",)),
+    Ancestor("mqa", "Fast Transformer Decoding: One Write-Head is All You Need", 2019,
+             "attention", ("mha",)),
+    Ancestor("hippo", "HiPPO: Recurrent Memory with Optimal Polynomial Projections", 2020,
+             "ssm"),
+    Ancestor("lssl", "Combining Recurrent, Convolutional, and Continuous-time Models with "
+             "Linear State-Space Layers", 2021, "ssm", ("hippo",)),
+    Ancestor("aft", "An Attention Free Transformer", 2021, "linear-rnn", ("mha",)),
+    Ancestor("gau", "Transformer Quality in Linear Time (FLASH)", 2022, "attention",
+             ("mha",)),
+    Ancestor("transnormer", "The Devil in Linear Transformer", 2022, "linear-attention",
+             ("linear_transformer",)),
+)}
+
+
+@dataclasses.dataclass(frozen=True)
 class MixerInfo:
   """What the registry knows of one mixer.
 
@@ -28,7 +67,8 @@ class MixerInfo:
   paper, year, venue: the paper that introduced it.
   family: one of FAMILIES.
   op: the seqmix op(s) it uses, e.g. "linear_attention.gla".
-  parents: names of architectures it builds on.
+  parents: names of the architectures it builds on: registered mixers or EXTERNAL_ANCESTORS
+    keys, none younger than it (`lineage_errors()` checks).
   constant_state: decoding keeps a constant-size state (False: a growing KV cache).
   pattern: for a layer pattern, the mixer names repeated over the depth.
   test_kwargs: small hyperparameters the shared tests use (at d_model=32).
@@ -133,6 +173,36 @@ def get(name: str) -> MixerInfo:
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise KeyError(f"Unknown mixer {name!r}.{hint} Registered mixers: {', '.join(names())}.")
   return _REGISTRY[name]
+
+
+def lineage_errors() -> list[str]:
+  """What is wrong with the registry's lineage (empty when every `parents` list is sound).
+
+  Every entry of a registered mixer's (or external ancestor's) `parents` must name a
+  registered mixer or an EXTERNAL_ANCESTORS entry, published the same year or earlier, and
+  not itself; the names of the two sets must not overlap.
+  """
+  _load_all()
+  errors = []
+  for name in sorted(set(_REGISTRY) & set(EXTERNAL_ANCESTORS)):
+    errors.append(f"{name!r} is both a registered mixer and an external ancestor: drop it "
+                  f"from EXTERNAL_ANCESTORS.")
+  nodes = {**{n: (i.year, i.parents) for n, i in _REGISTRY.items()},
+           **{n: (a.year, a.parents) for n, a in EXTERNAL_ANCESTORS.items()}}
+  for name, (year, parents) in sorted(nodes.items()):
+    for p in parents:
+      if p == name:
+        errors.append(f"{name!r} lists itself as a parent.")
+      elif p not in nodes:
+        close = difflib.get_close_matches(p, list(nodes), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        errors.append(f"{name!r}: parent {p!r} is neither a registered mixer nor in "
+                      f"registry.EXTERNAL_ANCESTORS{hint}; register it or add it there "
+                      f"with its paper and year.")
+      elif nodes[p][0] > year:
+        errors.append(f"{name!r} ({year}) lists {p!r} ({nodes[p][0]}) as a parent, but the "
+                      f"parent is younger: fix one of the years or the parents.")
+  return errors
 
 
 def expand_pattern(spec: str, n_layers: int) -> list[str]:

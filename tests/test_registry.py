@@ -4,6 +4,8 @@ Expected values are written out by hand (not recomputed with the registry's own 
 `all(...)` formula), so a wrong suggestion, expansion or pattern state fails here.
 """
 
+import re
+
 import pytest
 
 from seqmix import registry
@@ -85,3 +87,56 @@ def test_register_pattern_needs_registered_members():
     registry.register_pattern("test_only_pattern", ("gla", "nope"), paper="test", year=2024,
                               venue="tests", op="none")
   assert "test_only_pattern" not in registry.names()
+
+
+# Lineage edges the family tree must show (the issue's examples), written out by hand.
+EXPECTED_EDGES = [("linear_transformer", "retnet"), ("retnet", "gla"), ("gla", "gated_deltanet"),
+                  ("deltanet", "gated_deltanet"), ("mamba2", "gated_deltanet"),
+                  ("s4", "s4d"), ("s4d", "mamba"), ("mamba", "mamba2"), ("lru", "hawk"),
+                  ("hawk", "griffin"), ("rwkv4", "rwkv6"), ("lstm", "slstm"),
+                  ("lstm", "mlstm"), ("mlstm", "xlstm"), ("slstm", "xlstm")]
+# The architectures with no parents: a new mixer must name what it builds on.
+ROOTS = {"mha", "rnn", "fast_weights", "hippo"}
+
+
+def _parents(name):
+  if name in registry.EXTERNAL_ANCESTORS:
+    return registry.EXTERNAL_ANCESTORS[name].parents
+  return registry.get(name).parents
+
+
+def test_lineage_is_sound():
+  assert registry.lineage_errors() == []
+  missing = [(p, c) for p, c in EXPECTED_EDGES if p not in _parents(c)]
+  assert not missing, f"lineage edges lost: {missing}"
+  everything = set(registry.names()) | set(registry.EXTERNAL_ANCESTORS)
+  assert {n for n in everything if not _parents(n)} == ROOTS
+  for a in registry.EXTERNAL_ANCESTORS.values():
+    assert a.family in registry.FAMILIES and a.paper and 1900 < a.year < 2100, a
+  used = {p for n in everything for p in _parents(n)}
+  unused = set(registry.EXTERNAL_ANCESTORS) - used
+  assert not unused, f"external ancestors no mixer descends from: {unused}"
+
+
+@pytest.mark.parametrize("parents, year, message", [
+    (("glaa",), 2024, r"parent 'glaa' is neither a registered mixer nor in "
+                      r"registry.EXTERNAL_ANCESTORS \(did you mean 'gla'\?\)"),
+    (("gated_deltanet",), 2024, r"\(2024\) lists 'gated_deltanet' \(2025\) as a parent, but "
+                                r"the parent is younger"),
+    (("test_only_mixer",), 2024, r"'test_only_mixer' lists itself as a parent"),
+    (("lstm", "mamba2"), 2024, None),
+])
+def test_lineage_errors_name_the_bad_parent(parents, year, message):
+  registry.names()  # load every real mixer first
+  name = "test_only_mixer"
+  try:
+    registry.register(name, paper="test", year=year, venue="tests", family="ssm", op="none",
+                      parents=parents)(object)
+    errors = registry.lineage_errors()
+    if message is None:
+      assert errors == []
+    else:
+      assert len(errors) == 1 and errors[0].startswith(f"{name!r}"), errors
+      assert re.search(message, errors[0]), errors
+  finally:
+    registry._REGISTRY.pop(name, None)  # pylint: disable=protected-access

@@ -52,7 +52,8 @@ def _linspace_init(start: float, stop: float):
 
 @registry.register(
     "mlstm", paper="xLSTM: Extended Long Short-Term Memory", year=2024, venue="NeurIPS",
-    family="linear-rnn", op="mlstm.mlstm + conv.causal_conv", parents=("linear_transformer",),
+    family="linear-rnn", op="mlstm.mlstm + conv.causal_conv",
+    parents=("lstm", "linear_transformer"),
     constant_state=True, test_kwargs={"num_heads": 2, "round_proj_to": 16})
 class MLSTM(MixerBase):
   """xLSTM mLSTM block (pre-up-projection).  x [B, T, D] -> y [B, T, D].

@@ -24,7 +24,7 @@ GRIFFIN_PAPER = ("Griffin: Mixing Gated Linear Recurrences with Local Attention 
 
 @registry.register(
     "local_mqa", paper=GRIFFIN_PAPER, year=2024, venue="arXiv", family="attention",
-    op="attention.attention", parents=("mha",), constant_state=False,
+    op="attention.attention", parents=("mha", "mqa"), constant_state=False,
     test_kwargs={"num_heads": 4, "window": 4}, url="https://arxiv.org/abs/2402.19427")
 class LocalMQA(MHA):
   """Griffin's local multi-query attention.  x [B, T, D] -> y [B, T, D].

@@ -47,7 +47,7 @@ class H3Cache(NamedTuple):
     year=2023, venue="ICLR", family="ssm",
     op="conv.causal_conv (shift SSM) + ssm_kernels.s4d_kernel + conv.causal_conv; "
        "scan.linear_scan (decode)",
-    parents=("s4d",), constant_state=True,
+    parents=("s4d", "linear_transformer"), constant_state=True,
     test_kwargs={"d_state": 8, "head_dim": 8})
 class H3(MixerBase):
   """H3 layer.  x [B, T, D] -> y [B, T, D].

@@ -65,7 +65,7 @@ def beta_init(key, shape, dtype=jnp.float32):
 
 @registry.register(
     "mega", paper="Mega: Moving Average Equipped Gated Attention", year=2023, venue="ICLR",
-    family="hybrid", op="scan.linear_scan, attention.attention", parents=("ema", "gau"),
+    family="hybrid", op="scan.linear_scan, attention.attention", parents=("s4", "gau"),
     constant_state=False,
     test_kwargs={"ema_dim": 4, "z_dim": 16, "h_dim": 48, "max_positions": 64},
     url="https://arxiv.org/abs/2209.10655")

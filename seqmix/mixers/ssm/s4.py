@@ -48,7 +48,7 @@ class S4Cache(NamedTuple):
     "s4", paper="Efficiently Modeling Long Sequences with Structured State Spaces",
     year=2022, venue="ICLR", family="ssm",
     op="ssm_kernels.s4_kernel + conv.causal_conv; ssm_kernels.s4_discrete (decode)",
-    parents=(), constant_state=True,
+    parents=("hippo", "lssl"), constant_state=True,
     test_kwargs={"d_state": 8, "l_max": 64})
 class S4(MixerBase):
   """S4 layer (DPLR / HiPPO-LegS).  x [B, T, D] -> y [B, T, D].

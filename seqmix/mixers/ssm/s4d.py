@@ -30,7 +30,7 @@ from seqmix.mixers.ssm._common import DiagSSMCache
     "s4d", paper="On the Parameterization and Initialization of Diagonal State Space Models",
     year=2022, venue="NeurIPS", family="ssm",
     op="ssm_kernels.s4d_kernel + conv.causal_conv; scan.linear_scan (decode)",
-    parents=("s4",), constant_state=True,
+    parents=("s4", "dss"), constant_state=True,
     test_kwargs={"d_state": 8})
 class S4D(MixerBase):
   """S4D layer.  x [B, T, D] -> y [B, T, D].
