@@ -203,20 +203,50 @@ def check_selective_scan(resets=(True,)):
           res[impl] = _vjp_all(jax.jit(f), args + (h0,), 4)
       print(f"    ({time.time() - T0:.0f} s)", flush=True)
       ok &= _report(f"reset={with_reset}", res["pallas"], res["reference"])
+      for name in SS_CHECK_VARIANTS:
+        def g(u, dl, a, bm, cm, dsk, bias, h0, cfg=SS_VARIANTS[name]):
+          return ss_kernel.selective_scan(u, dl, a, bm, cm, dsk, delta_bias=bias,
+                                          delta_softplus=True, initial_state=h0, reset=reset,
+                                          config=cfg)
+        try:
+          ok &= _report(f"{name} reset={with_reset}", _vjp_all(jax.jit(g), args + (h0,), 4),
+                        res["reference"])
+        except Exception:  # pylint: disable=broad-except
+          print(f"  {name}: FAIL (exception)\n{traceback.format_exc()}", flush=True)
+          ok = False
     except Exception:  # pylint: disable=broad-except
       print(f"  reset={with_reset}: FAIL (exception)\n{traceback.format_exc()}", flush=True)
       ok = False
   return ok
 
 
+# Registers per thread (ptxas -v, sm_90a, Triton 3.9 on the TTIR of this jax; NOTES.md):
+# fwd t16 prefetch 255 + spills, t8 188, t4 109; bwd v1 t16 255 + spills, t8 255, t4 153;
+# bwd v2 b4 145, b8 255. At 4 warps, <= 128 registers lets 4 programs share an SM, i.e. the
+# 512 programs of the benchmark shape run in one wave on 132 SMs.
+SS_VARIANTS = {
+    "pallas": None,
+    "pallas v1 t4": SelectiveScanConfig(block_t=4),
+    "pallas v1 t8": SelectiveScanConfig(block_t=8),
+    "pallas v2 t4 b4": SelectiveScanConfig(block_t=4, backward="v2", bwd_block_t=4),
+    "pallas v2 t16 b4": SelectiveScanConfig(block_t=16, backward="v2", bwd_block_t=4),
+    "pallas v2 t8 b4": SelectiveScanConfig(block_t=8, backward="v2", bwd_block_t=4),
+    "pallas v2 t4 b8": SelectiveScanConfig(block_t=4, backward="v2", bwd_block_t=8),
+    "pallas v2 t4 b4 w2": SelectiveScanConfig(block_t=4, num_warps=2, backward="v2",
+                                              bwd_block_t=4),
+    "pallas v1 t16 d64": SelectiveScanConfig(block_d=64, block_t=8),
+}
+# Checked against the reference before timing (one per code path: v2 with checkpoints every
+# forward chunk, every other chunk, and several per chunk).
+SS_CHECK_VARIANTS = ("pallas v2 t4 b4", "pallas v2 t4 b8", "pallas v2 t8 b4")
+# The rows timed at the long T (the variants only at T = 4096).
+SS_LONG = ("pallas", "pallas v2 t4 b4")
+
+
 def bench_selective_scan(limit, full):
-  variants = {
-      "pallas": None,
-      "pallas d32 t8": SelectiveScanConfig(block_d=32, block_t=8),
-      "pallas d32 t16 w2": SelectiveScanConfig(block_d=32, block_t=16, num_warps=2),
-      "pallas d64 t8": SelectiveScanConfig(block_d=64, block_t=8),
-  }
-  for t in TS if full else TS[:1]:
+  for t in TS:
+    if t != TS[0] and not full and t > TS[1]:
+      continue
     try:
       u, delta, a, bm, cm, dsk, bias = _ss_inputs(jax.random.PRNGKey(0), B, t, D, N)
     except Exception as e:  # pylint: disable=broad-except
@@ -224,8 +254,8 @@ def bench_selective_scan(limit, full):
       continue
     rows = [("chunked", lambda *v: ssm.selective_scan(
         *v[:5], dsk, delta_bias=bias, delta_softplus=True, impl="chunked")[0])]
-    for name, cfg in variants.items():
-      if cfg is not None and (t != TS[0] or not full):
+    for name, cfg in SS_VARIANTS.items():
+      if t != TS[0] and name not in SS_LONG:
         continue
       rows.append((name, lambda *v, cfg=cfg: ss_kernel.selective_scan(
           *v[:5], dsk, delta_bias=bias, delta_softplus=True, config=cfg)[0]))
