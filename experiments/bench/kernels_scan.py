@@ -14,7 +14,8 @@ forward+backward (grads of all inputs of `sum(out)`; medians of 20 after 3 warm-
 and the existing fast impls at B=8, D=2048 (N=16), float32, at the T listed above (~3 min;
 --full ~4 min), with XLA's compiled peak-memory estimate, the memory-bound floor (bytes that
 must move at 2.8e12 B/s, the measured H200 copy rate) and the achieved rate (floor bytes /
-time). Each row catches and prints its own failure; a shape whose estimate does not fit the device is skipped with a note.
+time). Each row catches and prints its own failure; a shape whose estimate does not fit the
+device is skipped with a note.
 
 Floors (float32 words):
   linear_scan fwd       reads a, x; writes h                              3 BTD
