@@ -238,7 +238,7 @@ def check_selective_scan(resets=(True,)):
 
 # Registers per thread (ptxas -v, sm_90a, Triton 3.9 on the TTIR of this jax; NOTES.md):
 # fwd t16 prefetch 255 + spills, t8 188, t4 109; bwd v1 t16 255 + spills, t8 255, t4 153;
-# bwd v2 b4 145, b8 255; block_d 8 with 1 warp (no cross-warp reductions): fwd 118, bwd 161.
+# bwd v2 b2 96, b4 145, b8 255; block_d 8 with 1 warp (no cross-warp reductions): fwd 118, bwd 161.
 # At 4 warps, <= 128 registers lets 4 programs share an SM, i.e. the 512 programs of the
 # benchmark shape run in one wave on 132 SMs.
 SS_VARIANTS = {
@@ -249,6 +249,8 @@ SS_VARIANTS = {
     "pallas v2 t16 b4": SelectiveScanConfig(block_t=16, backward="v2", bwd_block_t=4),
     "pallas v2 t8 b4": SelectiveScanConfig(block_t=8, backward="v2", bwd_block_t=4),
     "pallas v2 t4 b8": SelectiveScanConfig(block_t=4, backward="v2", bwd_block_t=8),
+    # 96 registers (5 programs per SM), at the price of a saved state every 2 tokens.
+    "pallas v2 t4 b2": SelectiveScanConfig(block_t=4, backward="v2", bwd_block_t=2),
     "pallas v2 d8 w1 t4 b4": SelectiveScanConfig(block_d=8, num_warps=1, block_t=4,
                                                  backward="v2", bwd_block_t=4),
 }
@@ -256,7 +258,7 @@ SS_VARIANTS = {
 # forward chunk, every other chunk, and several per chunk).
 SS_CHECK_VARIANTS = ("pallas v2 t4 b4", "pallas v2 t4 b8", "pallas v2 t8 b4")
 # The rows timed at the long T (the variants only at T = 4096).
-SS_LONG = ("pallas", "pallas v2 t4 b4")
+SS_LONG = ("pallas", "pallas v2 t4 b4", "pallas v2 t4 b2")
 
 
 def bench_selective_scan(limit, full):
