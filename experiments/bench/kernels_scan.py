@@ -238,7 +238,8 @@ def check_selective_scan(resets=(True,)):
 
 # Registers per thread (ptxas -v, sm_90a, Triton 3.9 on the TTIR of this jax; NOTES.md):
 # fwd t16 prefetch 255 + spills, t8 188, t4 109; bwd v1 t16 255 + spills, t8 255, t4 153;
-# bwd v2 b2 96, b4 145, b8 255; block_d 8 with 1 warp (no cross-warp reductions): fwd 118, bwd 161.
+# bwd v2 b2 96, b4 145, b8 255; block_d 8 with 1 warp (no cross-warp reductions): fwd 118,
+# bwd 161.
 # At 4 warps, <= 128 registers lets 4 programs share an SM, i.e. the 512 programs of the
 # benchmark shape run in one wave on 132 SMs.
 SS_VARIANTS = {
