@@ -2,15 +2,20 @@
 
   PYTHONPATH=. python3 -m experiments.bench.kernels_scan [--full]
 
+Default: the checks (selective_scan also through the v2 backward configs), linear_scan at
+T = 4096, 16384, 65536 (pallas, associative; the block-size variants at 4096), selective_scan
+at T = 4096 (chunked, pallas v1 and v2 and the tile variants) and 16384 (chunked and two
+pallas configs); --full adds selective_scan T = 65536, linear_scan chunked and the
+complex / no-reset checks.
+
 (1) Checks pallas against `reference` on the GPU at a medium shape (relative errors of the
 outputs, final state and every gradient; PASS/FAIL per op). (2) Times the jitted forward and
 forward+backward (grads of all inputs of `sum(out)`; medians of 20 after 3 warm-ups) of pallas
-and the existing fast impls at B=8, D=2048 (N=16), float32, T = 4096 (with --full also 16384
-and 65536, the complex check and the block-size variants; ~90 s without, ~3 min with), with
-XLA's compiled peak-memory estimate, the memory-bound floor (bytes that must move at
-2.8e12 B/s, the measured H200 copy rate) and the achieved rate (floor bytes / time). Each row
-catches and prints its own
-failure; a shape whose estimate does not fit the device is skipped with a note.
+and the existing fast impls at B=8, D=2048 (N=16), float32, at the T listed above (~3 min;
+--full ~4 min), with XLA's compiled peak-memory estimate, the memory-bound floor (bytes that
+must move at 2.8e12 B/s, the measured H200 copy rate) and the achieved rate (floor bytes /
+time). Each row catches and prints its own failure; a shape whose estimate does not fit the
+device is skipped with a note.
 
 Floors (float32 words):
   linear_scan fwd       reads a, x; writes h                              3 BTD
@@ -139,17 +144,29 @@ def check_linear_scan(kinds=("real",)):
   return ok
 
 
+# ptxas (sm_90a) on the default forward: 144 registers, no spills, 1 warp per program: the
+# kernel is not register-bound; at B·D/32 = 512 one-warp programs an SM holds ~4 warps, so
+# the variants change the loads in flight per warp (block_t, prefetch) or the warps per SM
+# (block_d = 16: 1024 programs with half-used warps; block_d = 128: 128 four-warp programs,
+# 512 B contiguous per row but 4 SMs idle).
+LS_VARIANTS = {
+    "pallas d32 t32 noprefetch": ScanConfig(block_d=32, block_t=32, prefetch=False),
+    "pallas d32 t16": ScanConfig(block_d=32, block_t=16),
+    "pallas d32 t64": ScanConfig(block_d=32, block_t=64),
+    "pallas d32 t128 noprefetch": ScanConfig(block_d=32, block_t=128, prefetch=False),
+    "pallas d16 t32": ScanConfig(block_d=16, block_t=32, num_warps=1),
+    "pallas d16 t64": ScanConfig(block_d=16, block_t=64, num_warps=1),
+    "pallas d64 t32": ScanConfig(block_d=64, block_t=32),
+    "pallas d64 t64": ScanConfig(block_d=64, block_t=64),
+    "pallas d128 t16": ScanConfig(block_d=128, block_t=16),
+    "pallas d128 t32": ScanConfig(block_d=128, block_t=32),
+}
+
+
 def bench_linear_scan(limit, full):
+  """pallas and associative at every T of TS (chunked with full); the variants at TS[0]."""
   key = jax.random.PRNGKey(0)
-  variants = {
-      "pallas": None,
-      "pallas d32 t32 noprefetch": ScanConfig(block_d=32, block_t=32, prefetch=False),
-      "pallas d32 t16": ScanConfig(block_d=32, block_t=16),
-      "pallas d32 t64": ScanConfig(block_d=32, block_t=64),
-      "pallas d64 t32": ScanConfig(block_d=64, block_t=32),
-      "pallas d128 t16": ScanConfig(block_d=128, block_t=16),
-  }
-  for t in TS if full else TS[:1]:
+  for t in TS:
     k1, k2 = jax.random.split(key)
     try:
       a = jax.random.uniform(k1, (B, t, D), jnp.float32, -1.0, 1.0)
@@ -160,9 +177,8 @@ def bench_linear_scan(limit, full):
     btd = B * t * D
     rows = [(impl, lambda a, x, impl=impl: scan.linear_scan(a, x, impl=impl)[0])
             for impl in (("associative", "chunked") if full else ("associative",))]
+    variants = {"pallas": None, **(LS_VARIANTS if t == TS[0] else {})}
     for name, cfg in variants.items():
-      if cfg is not None and (t != TS[0] or not full):
-        continue
       rows.append((name, lambda a, x, cfg=cfg: ls_kernel.linear_scan(
           a, x, jnp.zeros((a.shape[0], a.shape[2]), a.dtype), config=cfg)[0]))
     for name, f in rows:
@@ -203,20 +219,53 @@ def check_selective_scan(resets=(True,)):
           res[impl] = _vjp_all(jax.jit(f), args + (h0,), 4)
       print(f"    ({time.time() - T0:.0f} s)", flush=True)
       ok &= _report(f"reset={with_reset}", res["pallas"], res["reference"])
+      for name in SS_CHECK_VARIANTS:
+        def g(u, dl, a, bm, cm, dsk, bias, h0, cfg=SS_VARIANTS[name]):
+          return ss_kernel.selective_scan(u, dl, a, bm, cm, dsk, delta_bias=bias,
+                                          delta_softplus=True, initial_state=h0, reset=reset,
+                                          config=cfg)
+        try:
+          ok &= _report(f"{name} reset={with_reset}", _vjp_all(jax.jit(g), args + (h0,), 4),
+                        res["reference"])
+        except Exception:  # pylint: disable=broad-except
+          print(f"  {name}: FAIL (exception)\n{traceback.format_exc()}", flush=True)
+          ok = False
     except Exception:  # pylint: disable=broad-except
       print(f"  reset={with_reset}: FAIL (exception)\n{traceback.format_exc()}", flush=True)
       ok = False
   return ok
 
 
+# Registers per thread (ptxas -v, sm_90a, Triton 3.9 on the TTIR of this jax; NOTES.md):
+# fwd t16 prefetch 255 + spills, t8 188, t4 109; bwd v1 t16 255 + spills, t8 255, t4 153;
+# bwd v2 b2 96, b4 145, b8 255; block_d 8 with 1 warp (no cross-warp reductions): fwd 118,
+# bwd 161.
+# At 4 warps, <= 128 registers lets 4 programs share an SM, i.e. the 512 programs of the
+# benchmark shape run in one wave on 132 SMs.
+SS_VARIANTS = {
+    "pallas": None,
+    "pallas v1 t4": SelectiveScanConfig(block_t=4),
+    "pallas v1 t8": SelectiveScanConfig(block_t=8),
+    "pallas v2 t4 b4": SelectiveScanConfig(block_t=4, backward="v2", bwd_block_t=4),
+    "pallas v2 t16 b4": SelectiveScanConfig(block_t=16, backward="v2", bwd_block_t=4),
+    "pallas v2 t8 b4": SelectiveScanConfig(block_t=8, backward="v2", bwd_block_t=4),
+    "pallas v2 t4 b8": SelectiveScanConfig(block_t=4, backward="v2", bwd_block_t=8),
+    # 96 registers (5 programs per SM), at the price of a saved state every 2 tokens.
+    "pallas v2 t4 b2": SelectiveScanConfig(block_t=4, backward="v2", bwd_block_t=2),
+    "pallas v2 d8 w1 t4 b4": SelectiveScanConfig(block_d=8, num_warps=1, block_t=4,
+                                                 backward="v2", bwd_block_t=4),
+}
+# Checked against the reference before timing (one per code path: v2 with checkpoints every
+# forward chunk, every other chunk, and several per chunk).
+SS_CHECK_VARIANTS = ("pallas v2 t4 b4", "pallas v2 t4 b8", "pallas v2 t8 b4")
+# The rows timed at the long T (the variants only at T = 4096).
+SS_LONG = ("pallas", "pallas v2 t4 b4", "pallas v2 t4 b2")
+
+
 def bench_selective_scan(limit, full):
-  variants = {
-      "pallas": None,
-      "pallas d32 t8": SelectiveScanConfig(block_d=32, block_t=8),
-      "pallas d32 t16 w2": SelectiveScanConfig(block_d=32, block_t=16, num_warps=2),
-      "pallas d64 t8": SelectiveScanConfig(block_d=64, block_t=8),
-  }
-  for t in TS if full else TS[:1]:
+  for t in TS:
+    if t != TS[0] and not full and t > TS[1]:
+      continue
     try:
       u, delta, a, bm, cm, dsk, bias = _ss_inputs(jax.random.PRNGKey(0), B, t, D, N)
     except Exception as e:  # pylint: disable=broad-except
@@ -224,8 +273,8 @@ def bench_selective_scan(limit, full):
       continue
     rows = [("chunked", lambda *v: ssm.selective_scan(
         *v[:5], dsk, delta_bias=bias, delta_softplus=True, impl="chunked")[0])]
-    for name, cfg in variants.items():
-      if cfg is not None and (t != TS[0] or not full):
+    for name, cfg in SS_VARIANTS.items():
+      if t != TS[0] and name not in SS_LONG:
         continue
       rows.append((name, lambda *v, cfg=cfg: ss_kernel.selective_scan(
           *v[:5], dsk, delta_bias=bias, delta_softplus=True, config=cfg)[0]))
@@ -237,8 +286,8 @@ def bench_selective_scan(limit, full):
 
 
 def main(full: bool = False):
-  """Default: the checks and the T = 4096 rows (~90 s). full: + complex check, no-reset check,
-  T = 16384 and 65536, linear_scan chunked, the block-size variants."""
+  """Default: the checks and the rows of the module docstring (~3 min). full: + complex check,
+  no-reset check, selective_scan T = 65536, linear_scan chunked."""
   global T0
   T0 = time.time()
   dev = jax.devices()[0]

@@ -33,24 +33,49 @@ from jax.experimental.pallas import triton as plgpu
 
 @dataclasses.dataclass(frozen=True)
 class SelectiveScanConfig:
-  """Static block sizes.
+  """Static block sizes and the backward variant.
 
   block_d: channels per program (a power of two).
-  block_t: time rows per chunk (loads in flight together; the backward's recompute span, so
-    the backward holds block_t + 1 states of [block_d, N] in registers).
+  block_t: time rows per forward chunk (loads in flight together). With backward="v1" also
+    the checkpoint interval and the backward's recompute span (it then holds block_t + 1
+    states and block_t exp tiles of [block_d, N] in registers).
   num_warps: warps per program.
   prefetch: issue the next chunk's loads before scanning the current one (forward only).
+  backward: "v1" (recompute span block_t, keeps every step's exp(ΔA)) or "v2" (recompute
+    span bwd_block_t, keeps only the states: exp(ΔA) is recomputed in the reverse sweep and
+    dC is reduced in the recompute sweep, so fewer registers are live; see NOTES.md).
+  bwd_block_t: v2's checkpoint interval and recompute span; a multiple or a divisor of
+    block_t.
   """
   block_d: int = 32
   block_t: int = 16
   num_warps: int = 4
   prefetch: bool = True
+  backward: str = "v1"
+  bwd_block_t: int = 8
 
   def __post_init__(self):
     if self.block_d < 1 or self.block_d & (self.block_d - 1):
       raise ValueError(f"SelectiveScanConfig: block_d={self.block_d} must be a power of two.")
-    if self.block_t < 1:
-      raise ValueError(f"SelectiveScanConfig: block_t={self.block_t} must be >= 1.")
+    if self.block_t < 1 or self.bwd_block_t < 1:
+      raise ValueError(f"SelectiveScanConfig: block_t={self.block_t} and bwd_block_t="
+                       f"{self.bwd_block_t} must be >= 1.")
+    if self.backward not in ("v1", "v2"):
+      raise ValueError(f"SelectiveScanConfig: backward={self.backward!r}; choose 'v1' or 'v2'.")
+    big, small = max(self.block_t, self.bwd_block_t), min(self.block_t, self.bwd_block_t)
+    if self.backward == "v2" and big % small:
+      raise ValueError(f"SelectiveScanConfig: bwd_block_t={self.bwd_block_t} must divide or "
+                       f"be a multiple of block_t={self.block_t}.")
+
+  @property
+  def ckpt_t(self) -> int:
+    """Rows between saved states (the backward's recompute span)."""
+    return self.block_t if self.backward == "v1" else self.bwd_block_t
+
+  @property
+  def t_multiple(self) -> int:
+    """T is padded to a multiple of this."""
+    return max(self.block_t, self.ckpt_t)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,10 +137,20 @@ def _fwd_kernel(cfg, st, save, u_ref, dl_ref, a_ref, b_ref, c_ref, dsk_ref, bias
   ins = (u_ref, dl_ref, b_ref, c_ref, keep_ref)
   load = lambda c: _load_rows(st, ins, b, c * tc, tc, cols)
 
+  ck = cfg.ckpt_t
+
   def scan_chunk(c, h, rows):
-    if save:
+    if save and ck == tc:
       hs_ref[0][b, c, cols, :] = h
+    elif save and ck > tc:  # one saved state every ck // tc chunks
+      per = ck // tc
+
+      @pl.when((c // per) * per == c)
+      def _():
+        hs_ref[0][b, c // per, cols, :] = h
     for r in range(tc):
+      if save and ck < tc and r % ck == 0:  # tc // ck saved states per chunk
+        hs_ref[0][b, c * (tc // ck) + r // ck, cols, :] = h
       t = c * tc + r
       h, _, _ = _step(st, a, bias, h, rows[r], t)
       y = jnp.sum(h * rows[r][3][None, :], axis=1) + dsk * rows[r][0]
@@ -188,6 +223,68 @@ def _bwd_kernel(cfg, st, u_ref, dl_ref, a_ref, b_ref, c_ref, dsk_ref, bias_ref, 
   dbias_ref[b, cols] = dbias_acc
 
 
+def _bwd_kernel_v2(cfg, st, u_ref, dl_ref, a_ref, b_ref, c_ref, dsk_ref, bias_ref, keep_ref,
+                   hs_ref, dy_ref, dht_ref, du_ref, ddl_ref, dbp_ref, dcp_ref, da_ref, ddsk_ref,
+                   dbias_ref, dh0_ref):
+  """The v1 recurrence with fewer live registers (outputs and formulas as _bwd_kernel).
+
+  Per span of `bwd_block_t` rows: the recompute sweep keeps only the entering states h_{t-1}
+  (one [block_d, N] tile per row) and Δ_t, and reduces dC_t = Σ_d dy_t h_t there, where h_t
+  is at hand; the reverse sweep recomputes exp(Δ_t A) instead of keeping it.
+  """
+  b, j = pl.program_id(0), pl.program_id(1)
+  tc = cfg.ckpt_t
+  cols = pl.ds(j * cfg.block_d, cfg.block_d)
+  n_chunks = u_ref.shape[1] // tc
+  a = a_ref[cols, :].astype(jnp.float32)
+  bias = bias_ref[cols].astype(jnp.float32)
+  dsk = dsk_ref[cols].astype(jnp.float32)
+  ins = (u_ref, dl_ref, b_ref, c_ref, keep_ref, dy_ref)
+
+  def body(k, carry):
+    g, da_acc, ddsk_acc, dbias_acc = carry
+    c = n_chunks - 1 - k
+    t0 = c * tc
+    rows = _load_rows(st, ins, b, t0, tc, cols)
+    h = hs_ref[b, c, cols, :]
+    prev, dts = [], []
+    for r in range(tc):
+      prev.append(h)
+      h, dt, _ = _step(st, a, bias, h, rows[r], t0 + r)
+      dts.append(dt)
+      dcp_ref[b, t0 + r, j, :] = jnp.sum(rows[r][5][:, None] * h, axis=0)
+    for r in reversed(range(tc)):
+      t = t0 + r
+      u, dl, bm, cm, keep, dy = rows[r]
+      dt = dts[r]
+      d_a = jnp.exp(dt[:, None] * a)
+      if st.has_reset:
+        d_a = d_a * keep
+      gh = g + dy[:, None] * cm[None, :]  # [block_d, n]
+      dbp_ref[b, t, j, :] = jnp.sum(gh * (dt * u)[:, None], axis=0)
+      gh_b = jnp.sum(gh * bm[None, :], axis=1)  # [block_d]
+      du_ref[b, t, cols] = (dt * gh_b + dsk * dy).astype(du_ref.dtype)
+      through_a = gh * d_a * prev[r]  # [block_d, n]
+      ddt = u * gh_b + jnp.sum(through_a * a, axis=1)
+      da_acc = da_acc + through_a * dt[:, None]
+      ddsk_acc = ddsk_acc + dy * u
+      if st.softplus:
+        ddt = ddt / (1.0 + jnp.exp(-(dl + bias)))  # softplus' = sigmoid
+      ddt = jnp.where(t < st.t_real, ddt, 0.0)
+      dbias_acc = dbias_acc + ddt
+      ddl_ref[b, t, cols] = ddt.astype(ddl_ref.dtype)
+      g = d_a * gh
+    return g, da_acc, ddsk_acc, dbias_acc
+
+  zeros_d = jnp.zeros((cfg.block_d,), jnp.float32)
+  init = (dht_ref[b, cols, :].astype(jnp.float32), jnp.zeros_like(a), zeros_d, zeros_d)
+  g, da_acc, ddsk_acc, dbias_acc = lax.fori_loop(0, n_chunks, body, init)
+  dh0_ref[b, cols, :] = g
+  da_ref[b, cols, :] = da_acc
+  ddsk_ref[b, cols] = ddsk_acc
+  dbias_ref[b, cols] = dbias_acc
+
+
 def _params(cfg, interpret):
   return None if interpret else plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=1)
 
@@ -203,7 +300,7 @@ def ss_fwd(cfg, st, save, interpret, u, dl, a, bm, cm, dsk, bias, h0, keep):
   out_shape = [jax.ShapeDtypeStruct((bsz, t, d), jnp.float32),
                jax.ShapeDtypeStruct((bsz, d, n), jnp.float32)]
   if save:
-    out_shape.append(jax.ShapeDtypeStruct((bsz, t // cfg.block_t, d, n), jnp.float32))
+    out_shape.append(jax.ShapeDtypeStruct((bsz, t // cfg.ckpt_t, d, n), jnp.float32))
   return pl.pallas_call(
       functools.partial(_fwd_kernel, cfg, st, save), out_shape=tuple(out_shape),
       grid=_grid(cfg, u), interpret=interpret, compiler_params=_params(cfg, interpret),
@@ -222,6 +319,7 @@ def ss_bwd(cfg, st, interpret, u, dl, a, bm, cm, dsk, bias, keep, hs, dy, dht):
                jax.ShapeDtypeStruct((bsz, d, n), f32), jax.ShapeDtypeStruct((bsz, d), f32),
                jax.ShapeDtypeStruct((bsz, d), f32), jax.ShapeDtypeStruct((bsz, d, n), f32))
   return pl.pallas_call(
-      functools.partial(_bwd_kernel, cfg, st), out_shape=out_shape,
+      functools.partial(_bwd_kernel if cfg.backward == "v1" else _bwd_kernel_v2, cfg, st),
+      out_shape=out_shape,
       grid=_grid(cfg, u), interpret=interpret, compiler_params=_params(cfg, interpret),
       name="selective_scan_bwd")(u, dl, a, bm, cm, dsk, bias, keep, hs, dy, dht)

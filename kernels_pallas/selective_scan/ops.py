@@ -67,7 +67,7 @@ def selective_scan(u, delta, A, B, C, D=None, *, delta_bias=None, delta_softplus
                      f"[B, T, N]; got {u.shape=}, {delta.shape=}, {A.shape=}, {B.shape=}, "
                      f"{C.shape=}.")
   f32 = jnp.float32
-  tp = -(-t // cfg.block_t) * cfg.block_t
+  tp = -(-t // cfg.t_multiple) * cfg.t_multiple
   dp = -(-d // cfg.block_d) * cfg.block_d
   np2 = 1 << max(0, (n - 1).bit_length())  # Triton tensors have power-of-two shapes
   st = Static(t_real=t, softplus=bool(delta_softplus), has_reset=reset is not None)

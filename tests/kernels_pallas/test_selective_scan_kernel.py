@@ -91,6 +91,15 @@ class TestSelectiveScanPallas:
     self._interpret_only()
     self._check((2, 23, 40, 5), Cfg(block_t=4, prefetch=True))
 
+  # v2 backward: a checkpoint every 2 forward chunks (pl.when), and 2 checkpoints per chunk.
+  @pytest.mark.parametrize("cfg", [
+      Cfg(block_t=2, backward="v2", bwd_block_t=4),
+      pytest.param(Cfg(block_t=4, prefetch=False, backward="v2", bwd_block_t=2),
+                   marks=pytest.mark.slow)])
+  def test_backward_v2(self, cfg):
+    self._interpret_only()
+    self._check((1, 15, 33, 4), cfg, seed=2)
+
   @pytest.mark.slow
   def test_strong_decays_no_softplus(self):
     self._interpret_only()
@@ -145,16 +154,19 @@ def fake_h100(monkeypatch):
   monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: info)
 
 
-@pytest.mark.parametrize("with_reset", [True, pytest.param(False, marks=pytest.mark.slow)])
-def test_triton_lowering(fake_h100, with_reset):
-  """Forward and backward (default config) lower to Triton IR."""
+@pytest.mark.parametrize("with_reset,cfg", [
+    (True, None), pytest.param(False, None, marks=pytest.mark.slow),
+    (True, Cfg(block_t=4, backward="v2", bwd_block_t=8)),
+    pytest.param(True, Cfg(block_t=8, backward="v2", bwd_block_t=4), marks=pytest.mark.slow)])
+def test_triton_lowering(fake_h100, with_reset, cfg):
+  """Forward and backward (default config, and backward v2) lower to Triton IR."""
   b, t, d, n = 2, 64, 64, 16
   u = jnp.ones((b, t, d))
   reset = jnp.zeros((b, t), bool) if with_reset else None
 
   def loss(u, dl, a, bm, cm, dsk, bias, h0):
     y, ht = kernel_ops.selective_scan(u, dl, a, bm, cm, dsk, delta_bias=bias, delta_softplus=True,
-                                      initial_state=h0, reset=reset)
+                                      initial_state=h0, reset=reset, config=cfg)
     return y.sum() + ht.sum()
 
   args = (u, u, -jnp.ones((d, n)), jnp.ones((b, t, n)), jnp.ones((b, t, n)), jnp.ones(d),
