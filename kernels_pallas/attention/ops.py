@@ -44,6 +44,16 @@ def _head_dim(d):
   return max(16, pl.next_power_of_2(d))
 
 
+def default_block_sizes(dtype, dk, dv):
+  """BlockSizes() shrunk to fit the GPU's shared memory for this dtype and (padded) head dims.
+
+  bf16 / f16 with head dims <= 128 keep the measured defaults; float32 (4-byte elements, and
+  IEEE dots without tensor cores) and wide heads get smaller tiles (`kernel.fit_block_sizes`).
+  """
+  dtype = jnp.dtype(dtype)
+  return _k.fit_block_sizes(BlockSizes(), dtype.itemsize, dk, dv, fma=dtype == jnp.float32)
+
+
 def flash_attention(q, k, v, *, shift=None, causal=True, scale=None, window=None,
                     q_ids=None, kv_ids=None, block_sizes=None, interpret=False):
   """Flash attention with lse.  q [B,T,H,K], k [B,S,G,K], v [B,S,G,V] -> (o, lse).
@@ -55,7 +65,8 @@ def flash_attention(q, k, v, *, shift=None, causal=True, scale=None, window=None
     causal, window: keys j <= i + shift, and j > i + shift − window when window is set.
     scale: logit scale (default K ** -0.5).
     q_ids, kv_ids: int [B,T] and [B,S] segment ids (both or neither); equal ids attend.
-    block_sizes: a BlockSizes (default BlockSizes()); shrunk for short sequences.
+    block_sizes: a BlockSizes, used as given (shrunk only for short sequences); default
+      `default_block_sizes(q.dtype, ...)`, which fits the tiles to shared memory.
     interpret: run the kernels in the Pallas interpreter (CPU tests).
   Returns:
     o [B,T,H,V] in v's dtype; lse [B,T,H] float32 (−inf, with o = 0, for rows that see no
@@ -83,9 +94,10 @@ def flash_attention(q, k, v, *, shift=None, causal=True, scale=None, window=None
     raise ValueError(f"flash_attention: q, k, v must share one dtype; got {q.dtype}, "
                      f"{k.dtype}, {v.dtype}. Cast them first.")
   dv = v.shape[3]
-  blocks = (block_sizes or BlockSizes()).clamp(t, s)
-  t_p, s_p = _round_up(t, blocks.q_multiple), _round_up(s, blocks.k_multiple)
   dk_p, dv_p = _head_dim(dk), _head_dim(dv)
+  blocks = block_sizes or default_block_sizes(q.dtype, dk_p, dv_p)
+  blocks = blocks.clamp(t, s)
+  t_p, s_p = _round_up(t, blocks.q_multiple), _round_up(s, blocks.k_multiple)
   qp = _pad_axis(_pad_axis(q, 1, t_p), 3, dk_p)                 # [b, t_p, h, dk_p]
   kp = _pad_axis(_pad_axis(k, 1, s_p), 3, dk_p)                 # [b, s_p, g, dk_p]
   vp = _pad_axis(_pad_axis(v, 1, s_p), 3, dv_p)                 # [b, s_p, g, dv_p]
