@@ -54,6 +54,13 @@ class BlockSizes:
   num_stages: int = 3
   num_warps_bwd: int | None = 4
   num_stages_bwd: int = 2
+  # dq_atomic: the dK/dV pass also computes dQ (dS·K per visited block) and adds it into a
+  # float32 buffer with atomic adds, as FlashAttention-2 does; the dQ pass is not run. The
+  # backward then does 5 block matmuls per visible block pair instead of 7 (the dQ pass
+  # recomputes S and dP), at the price of T·K float32 atomics per visited block. Off by
+  # default until the device run times it (the atomics are acquire-release in the Triton
+  # lowering; their cost is the unknown).
+  dq_atomic: bool = False
 
   def clamp(self, t_q, t_k):
     """The sizes shrunk to cover short sequences (min 16, next power of two of T)."""
@@ -358,6 +365,9 @@ def dkv_kernel(*refs, p: Params):
         empty rows), dlt [Tq] (rowsum(dO·O) − dlse), (q_ids [Tq], kv_ids [bk]),
         outputs dk [bk, K], dv [bk, V].
   """
+  atomic = p.blocks.dq_atomic
+  if atomic:   # the aliased float32 dQ accumulator [Tq, K]: last input and last output
+    refs, dq_ref = refs[:-4] + refs[-3:-1], refs[-1]
   ins, qid_ref, kid_ref, (dk_ref, dv_ref) = _split_refs(refs, p, 7, 2)
   q_ref, k_ref, v_ref, shift_ref, do_ref, lse_ref, dlt_ref = ins
   bq, bk = p.blocks.block_q_dkv, p.blocks.block_k_dkv
@@ -388,7 +398,13 @@ def dkv_kernel(*refs, p: Params):
     dv = dv + _dot(pt.astype(do.dtype), do, precision=p.precision)
     dpt = _dot(v, do, trans_b=True, precision=p.precision)         # (dO Vᵀ)ᵀ
     dst = pt * (dpt - dlt[None, :])
-    dk = dk + _dot(dst.astype(q.dtype), q, precision=p.precision)
+    ds_lo = dst.astype(q.dtype)
+    dk = dk + _dot(ds_lo, q, precision=p.precision)
+    if atomic:
+      # dQ rows of this query block: dS · K = (dSᵀ)ᵀ · K, [bq, K]; scaled after the pass.
+      dq_blk = lax.dot_general(ds_lo, k, (((0,), (0,)), ((), ())), precision=p.precision,
+                               preferred_element_type=jnp.float32)
+      _atomic_add(dq_ref, qs, bq, dq_blk)
     return dk, dv
 
   carry = (jnp.zeros((bk, k_ref.shape[-1]), jnp.float32),
@@ -396,6 +412,13 @@ def dkv_kernel(*refs, p: Params):
   dk, dv = _three_loops(body, _query_block_ranges(p, ks, bk, shift, bq, nq), carry)
   dk_ref[...] = (dk * p.scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _atomic_add(ref, start, size, val):
+  """ref[start:start + size, :] += val, atomically (the Triton `atomic_add`; the interpreter
+  runs programs one after another, where it is a plain add)."""
+  from jax.experimental.pallas import triton as plgpu   # the primitive also interprets
+  plgpu.atomic_add(ref, (pl.ds(start, size), slice(None)), val)
 
 
 def dq_kernel(*refs, p: Params):

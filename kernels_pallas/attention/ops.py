@@ -205,21 +205,36 @@ def _backward(q, k, v, shift, seg, o, lse, do, dlse, p):
     args += list(seg)
   # Grouped heads: one float32 slab per query head, summed over the group below.
   slab = k.dtype if p.group == 1 else jnp.float32
-  dk, dvv = pl.pallas_call(
+  out_specs = [pl.BlockSpec((None, bk, None, d), lambda j, b_, h_: (b_, j, h_, 0)),
+               pl.BlockSpec((None, bk, None, dv), lambda j, b_, h_: (b_, j, h_, 0))]
+  out_shape = [jax.ShapeDtypeStruct((b, s_p, h, d), slab),
+               jax.ShapeDtypeStruct((b, s_p, h, dv), slab)]
+  aliases = {}
+  if bl.dq_atomic:
+    # Every key block of one (b, h) adds into that head's whole [t_p, d] dQ slab.
+    dq_spec = pl.BlockSpec((None, t_p, None, d), lambda j, b_, h_: (b_, 0, h_, 0))
+    in_specs.append(dq_spec)
+    out_specs.append(dq_spec)
+    out_shape.append(jax.ShapeDtypeStruct((b, t_p, h, d), jnp.float32))
+    aliases = {len(args): 2}
+    args.append(jnp.zeros((b, t_p, h, d), jnp.float32))
+  outs = pl.pallas_call(
       functools.partial(_k.dkv_kernel, p=p),
       grid=(s_p // bk, b, h),
       in_specs=in_specs,
-      out_specs=[pl.BlockSpec((None, bk, None, d), lambda j, b_, h_: (b_, j, h_, 0)),
-                 pl.BlockSpec((None, bk, None, dv), lambda j, b_, h_: (b_, j, h_, 0))],
-      out_shape=[jax.ShapeDtypeStruct((b, s_p, h, d), slab),
-                 jax.ShapeDtypeStruct((b, s_p, h, dv), slab)],
+      out_specs=out_specs,
+      out_shape=out_shape,
+      input_output_aliases=aliases,
       compiler_params=_compiler_params(p, backward=True),
       interpret=p.interpret,
       name="seqmix_flash_dkv",
   )(*args)
+  dk, dvv = outs[:2]
   if p.group > 1:
     dk = dk.reshape(b, s_p, g, p.group, d).sum(3).astype(k.dtype)     # [b, s_p, g, d]
     dvv = dvv.reshape(b, s_p, g, p.group, dv).sum(3).astype(v.dtype)  # [b, s_p, g, dv]
+  if bl.dq_atomic:
+    return (outs[2] * p.scale).astype(q.dtype), dk, dvv
 
   bq = bl.block_q_dq
   in_specs = [

@@ -11,6 +11,7 @@ bfloat16. `TestFlashAttention` runs the compiled kernels (GPU only);
 a package, so pytest would refuse two modules of one basename.)
 """
 
+import dataclasses
 import functools
 import os
 
@@ -30,6 +31,9 @@ SMALL = flash.BlockSizes(block_q=16, block_k=16, block_q_dkv=16, block_k_dkv=16,
 # forward, and T is padded to the largest.
 MIXED = flash.BlockSizes(block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=32,
                          block_q_dq=32, block_k_dq=16)
+
+# dQ accumulated with atomic adds inside the dK/dV pass (no dQ pass).
+ATOMIC = dataclasses.replace(MIXED, dq_atomic=True)
 
 
 def _inputs(b=2, t=63, s=None, h=2, g=2, d=60, dv=None, dtype=jnp.float32, seed=0, n_seg=3):
@@ -71,10 +75,13 @@ DEFAULT = [
     ("causal", "float32", "small"), ("segment_pair_short_query", "float32", "mixed"),
     ("kv_offset_window_segments", "float32", "small"), ("decode_t1", "float32", "small"),
     ("mqa", "bfloat16", "mixed"), ("window_straddle_offsets", "float32", "small"),
+    ("kv_offset_window_segments", "float32", "atomic"),
 ]
 FULL = [(c, d, b) for c in CASES for d in ("float32", "bfloat16") for b in ("small", "mixed")
-        if (c, d, b) not in DEFAULT]
-BLOCKS = {"small": SMALL, "mixed": MIXED}
+        if (c, d, b) not in DEFAULT] + [
+            ("causal", "bfloat16", "atomic"), ("window_straddle_offsets", "float32", "atomic"),
+            ("empty_rows", "float32", "atomic"), ("noncausal_cross", "float32", "atomic")]
+BLOCKS = {"small": SMALL, "mixed": MIXED, "atomic": ATOMIC}
 # The oracle's float32 einsums in full precision: on a GPU the default is TF32 (~1e-3), which
 # would fail the float32 comparison whatever the kernel does.
 _ORACLE_PRECISION = lambda: jax.default_matmul_precision("highest")
