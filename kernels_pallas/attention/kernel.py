@@ -54,6 +54,13 @@ class BlockSizes:
   num_stages: int = 3
   num_warps_bwd: int | None = 4
   num_stages_bwd: int = 2
+  # dq_atomic: the dK/dV pass also computes dQ (dS·K per visited block) and adds it into a
+  # float32 buffer with atomic adds, as FlashAttention-2 does; the dQ pass is not run. The
+  # backward then does 5 block matmuls per visible block pair instead of 7 (the dQ pass
+  # recomputes S and dP), at the price of T·K float32 atomics per visited block. Off by
+  # default until the device run times it (the atomics are acquire-release in the Triton
+  # lowering; their cost is the unknown).
+  dq_atomic: bool = False
 
   def clamp(self, t_q, t_k):
     """The sizes shrunk to cover short sequences (min 16, next power of two of T)."""
@@ -71,6 +78,87 @@ class BlockSizes:
   @property
   def k_multiple(self):
     return max(self.block_k, self.block_k_dkv, self.block_k_dq)
+
+
+# Shared memory one thread block may use on Hopper (H100 / H200: 227 KiB of the 228 KiB per SM).
+SMEM_BYTES = 227 * 1024
+# Fraction of SMEM_BYTES the float32 (IEEE, FMA) kernels may fill by the estimate below: their
+# dots stage operands through shared memory for layout conversions the estimate does not count.
+FMA_SMEM_FRACTION = 0.75
+
+
+def smem_bytes(resident, streamed, d_res, d_str, itemsize, stages, rows_f32=0, fma_tiles=0):
+  """Predicted shared memory (bytes) of one program of a Triton-lowered flash pass.
+
+  The program keeps `resident` rows of width `d_res` (e.g. the q tile of the forward) in one
+  buffer and streams `streamed` rows of width `d_str` per loop step (k and v: d_str = K + V)
+  through `stages` buffers (the software pipeline), plus `rows_f32` float32 values per
+  streamed row (lse and delta in the backward). fma_tiles: [resident, streamed] float32 tiles
+  staged through shared memory when the dots run without tensor cores (float32 IEEE).
+
+  Calibration (device run 1, H200, bf16, K = V = 128): the forward with 128x128 tiles and 3
+  stages compiled and ran; this estimate gives it 224 KiB <= 227 KiB. The rule of thumb
+  (block_q·D + 2·block_k·D)·bytes·stages would give 288 KiB, i.e. it would have refused a
+  configuration that works: the q tile is loaded once, outside the pipelined loop.
+  """
+  return (itemsize * (resident * d_res + stages * streamed * d_str)
+          + stages * streamed * rows_f32 * 4 + fma_tiles * resident * streamed * 4)
+
+
+def pass_smem(blocks, itemsize, dk, dv, fma):
+  """{"fwd" | "dkv" | "dq": predicted shared memory bytes} of `blocks` (padded head dims)."""
+  b = blocks
+  return {
+      # q resident; k and v streamed.
+      "fwd": smem_bytes(b.block_q, b.block_k, dk, dk + dv, itemsize, b.num_stages,
+                        fma_tiles=int(fma)),
+      # k and v resident; q, dO, lse and delta streamed; Pᵀ and dSᵀ tiles when FMA.
+      "dkv": smem_bytes(b.block_k_dkv, b.block_q_dkv, dk + dv, dk + dv, itemsize,
+                        b.num_stages_bwd, rows_f32=2, fma_tiles=2 * int(fma)),
+      # q, dO, lse and delta resident; k and v streamed; P and dS tiles when FMA.
+      "dq": smem_bytes(b.block_q_dq, b.block_k_dq, dk + dv, dk + dv, itemsize,
+                       b.num_stages_bwd, fma_tiles=2 * int(fma)),
+  }
+
+
+def fit_block_sizes(blocks, itemsize, dk, dv, fma, budget=SMEM_BYTES):
+  """`blocks` shrunk until every pass's `pass_smem` estimate fits the shared memory budget.
+
+  Each pass gives up, in order: its streamed tile down to 32 rows, then a pipeline stage
+  (down to 2), then its resident tile, then the streamed tile down to 16 — the streamed
+  tile is multiplied by `stages` in the estimate, so it is the cheapest to cut. Tiles that
+  already fit are returned unchanged (bf16 with K = V = 128 keeps the measured defaults).
+  With fma (float32 IEEE dots) the budget is FMA_SMEM_FRACTION of `budget`. If nothing fits
+  (a very wide head dim), the smallest configuration is returned and the compiler decides.
+
+  Args:
+    blocks: a BlockSizes.
+    itemsize: bytes per element of q, k, v (2 for bf16, 4 for f32).
+    dk, dv: padded key / value head dims.
+    fma: float32 inputs with IEEE dots.
+    budget: bytes of shared memory per program.
+  Returns:
+    A BlockSizes.
+  """
+  limit = int(budget * (FMA_SMEM_FRACTION if fma else 1.0))
+  fields = {"fwd": ("block_q", "block_k", "num_stages"),
+            "dkv": ("block_k_dkv", "block_q_dkv", "num_stages_bwd"),
+            "dq": ("block_q_dq", "block_k_dq", "num_stages_bwd")}
+  for name, (res, strm, stg) in fields.items():
+    while pass_smem(blocks, itemsize, dk, dv, fma)[name] > limit:
+      r, s, n = getattr(blocks, res), getattr(blocks, strm), getattr(blocks, stg)
+      if s > 32:
+        change = {strm: s // 2}
+      elif n > 2:
+        change = {stg: n - 1}
+      elif r > 16:
+        change = {res: r // 2}
+      elif s > 16:
+        change = {strm: s // 2}
+      else:
+        break
+      blocks = dataclasses.replace(blocks, **change)
+  return blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,21 +210,27 @@ def _clip(x, lo, hi):
 def _key_block_ranges(p, qs, bq, shift, bk, nk, pad_keys):
   """Key blocks for the query rows [qs, qs + bq): (lo, full_lo, full_hi, hi).
 
-  Blocks [lo, hi) hold a visible pair; [full_lo, full_hi) are visible for every pair by
-  position (and are not padding), so they need no position mask.
+  Blocks [lo, hi) are exactly those holding a visible pair of a real query (row < t_q) and a
+  real key (< t_k); [full_lo, full_hi) are visible for every pair by position (and are not
+  padding), so they need no position mask.
   """
+  nk = min(nk, -(-p.t_k // bk))                             # blocks of padding only: skipped
+  q_end = jnp.minimum(qs + bq, p.t_q)                       # padded query rows need no keys
   if p.causal:
-    hi = jnp.minimum(_cdiv0(qs + bq + shift, bk), nk)      # keys j <= qs + bq − 1 + shift
+    hi = jnp.minimum(_cdiv0(q_end + shift, bk), nk)         # keys j <= q_end − 1 + shift
     full_hi = _fdiv0(qs + shift + 1, bk)                    # whole block j <= qs + shift
   else:
     hi = jnp.int32(nk)
     full_hi = jnp.int32(nk)
   if p.window is not None:
-    lo = jnp.minimum(_fdiv0(qs + shift - p.window + 1, bk), hi)   # j > qs + shift − W
+    first = qs + shift - p.window + 1                       # j > qs + shift − W
+    lo = jnp.minimum(_fdiv0(first, bk), hi)
+    hi = jnp.where(first >= p.t_k, lo, hi)                  # the window starts past the keys
     full_lo = _cdiv0(qs + bq + shift - p.window, bk)        # whole block j > qs+bq−1+shift−W
   else:
     lo = jnp.int32(0)
     full_lo = jnp.int32(0)
+  hi = jnp.where(qs >= p.t_q, lo, hi)                       # a block of padded queries only
   if pad_keys:
     full_hi = jnp.minimum(full_hi, p.t_k // bk)             # the ragged last block is masked
   full_lo = _clip(full_lo, lo, hi)
@@ -145,7 +239,11 @@ def _key_block_ranges(p, qs, bq, shift, bk, nk, pad_keys):
 
 
 def _query_block_ranges(p, ks, bk, shift, bq, nq):
-  """Query blocks for the key rows [ks, ks + bk): (lo, full_lo, full_hi, hi), as above."""
+  """Query blocks for the key rows [ks, ks + bk): (lo, full_lo, full_hi, hi), as above
+  (padded query rows, and padded keys, need nothing: their dO is 0, their dK/dV rows are
+  sliced away)."""
+  nq = min(nq, -(-p.t_q // bq))
+  k_last = jnp.minimum(ks + bk, p.t_k) - 1                  # the last real key of the block
   if p.causal:
     lo = jnp.minimum(_fdiv0(ks - shift, bq), nq)            # i >= ks − shift
     full_lo = _cdiv0(ks + bk - 1 - shift, bq)               # whole block i >= ks+bk−1−shift
@@ -153,12 +251,15 @@ def _query_block_ranges(p, ks, bk, shift, bq, nq):
     lo = jnp.int32(0)
     full_lo = jnp.int32(0)
   if p.window is not None:
-    hi = jnp.minimum(_cdiv0(ks + bk - 1 - shift + p.window, bq), nq)   # i < ks+bk−1−shift+W
+    hi = jnp.minimum(_cdiv0(k_last - shift + p.window, bq), nq)   # i < k_last − shift + W
     full_hi = _fdiv0(ks - shift + p.window, bq)             # whole block i < ks − shift + W
   else:
     hi = jnp.int32(nq)
     full_hi = jnp.int32(nq)
   hi = jnp.maximum(hi, lo)
+  if p.causal:
+    hi = jnp.where(ks - shift >= p.t_q, lo, hi)             # the key comes after every query
+  hi = jnp.where(ks >= p.t_k, lo, hi)                       # a block of padded keys only
   full_lo = _clip(full_lo, lo, hi)
   full_hi = _clip(full_hi, full_lo, hi)
   return lo, full_lo, full_hi, hi
@@ -264,6 +365,9 @@ def dkv_kernel(*refs, p: Params):
         empty rows), dlt [Tq] (rowsum(dO·O) − dlse), (q_ids [Tq], kv_ids [bk]),
         outputs dk [bk, K], dv [bk, V].
   """
+  atomic = p.blocks.dq_atomic
+  if atomic:   # the aliased float32 dQ accumulator [Tq, K]: last input and last output
+    refs, dq_ref = refs[:-4] + refs[-3:-1], refs[-1]
   ins, qid_ref, kid_ref, (dk_ref, dv_ref) = _split_refs(refs, p, 7, 2)
   q_ref, k_ref, v_ref, shift_ref, do_ref, lse_ref, dlt_ref = ins
   bq, bk = p.blocks.block_q_dkv, p.blocks.block_k_dkv
@@ -294,7 +398,13 @@ def dkv_kernel(*refs, p: Params):
     dv = dv + _dot(pt.astype(do.dtype), do, precision=p.precision)
     dpt = _dot(v, do, trans_b=True, precision=p.precision)         # (dO Vᵀ)ᵀ
     dst = pt * (dpt - dlt[None, :])
-    dk = dk + _dot(dst.astype(q.dtype), q, precision=p.precision)
+    ds_lo = dst.astype(q.dtype)
+    dk = dk + _dot(ds_lo, q, precision=p.precision)
+    if atomic:
+      # dQ rows of this query block: dS · K = (dSᵀ)ᵀ · K, [bq, K]; scaled after the pass.
+      dq_blk = lax.dot_general(ds_lo, k, (((0,), (0,)), ((), ())), precision=p.precision,
+                               preferred_element_type=jnp.float32)
+      _atomic_add(dq_ref, qs, bq, dq_blk)
     return dk, dv
 
   carry = (jnp.zeros((bk, k_ref.shape[-1]), jnp.float32),
@@ -302,6 +412,13 @@ def dkv_kernel(*refs, p: Params):
   dk, dv = _three_loops(body, _query_block_ranges(p, ks, bk, shift, bq, nq), carry)
   dk_ref[...] = (dk * p.scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _atomic_add(ref, start, size, val):
+  """ref[start:start + size, :] += val, atomically (the Triton `atomic_add`; the interpreter
+  runs programs one after another, where it is a plain add)."""
+  from jax.experimental.pallas import triton as plgpu   # the primitive also interprets
+  plgpu.atomic_add(ref, (pl.ds(start, size), slice(None)), val)
 
 
 def dq_kernel(*refs, p: Params):

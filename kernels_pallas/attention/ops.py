@@ -44,6 +44,16 @@ def _head_dim(d):
   return max(16, pl.next_power_of_2(d))
 
 
+def default_block_sizes(dtype, dk, dv):
+  """BlockSizes() shrunk to fit the GPU's shared memory for this dtype and (padded) head dims.
+
+  bf16 / f16 with head dims <= 128 keep the measured defaults; float32 (4-byte elements, and
+  IEEE dots without tensor cores) and wide heads get smaller tiles (`kernel.fit_block_sizes`).
+  """
+  dtype = jnp.dtype(dtype)
+  return _k.fit_block_sizes(BlockSizes(), dtype.itemsize, dk, dv, fma=dtype == jnp.float32)
+
+
 def flash_attention(q, k, v, *, shift=None, causal=True, scale=None, window=None,
                     q_ids=None, kv_ids=None, block_sizes=None, interpret=False):
   """Flash attention with lse.  q [B,T,H,K], k [B,S,G,K], v [B,S,G,V] -> (o, lse).
@@ -55,7 +65,8 @@ def flash_attention(q, k, v, *, shift=None, causal=True, scale=None, window=None
     causal, window: keys j <= i + shift, and j > i + shift − window when window is set.
     scale: logit scale (default K ** -0.5).
     q_ids, kv_ids: int [B,T] and [B,S] segment ids (both or neither); equal ids attend.
-    block_sizes: a BlockSizes (default BlockSizes()); shrunk for short sequences.
+    block_sizes: a BlockSizes, used as given (shrunk only for short sequences); default
+      `default_block_sizes(q.dtype, ...)`, which fits the tiles to shared memory.
     interpret: run the kernels in the Pallas interpreter (CPU tests).
   Returns:
     o [B,T,H,V] in v's dtype; lse [B,T,H] float32 (−inf, with o = 0, for rows that see no
@@ -83,9 +94,10 @@ def flash_attention(q, k, v, *, shift=None, causal=True, scale=None, window=None
     raise ValueError(f"flash_attention: q, k, v must share one dtype; got {q.dtype}, "
                      f"{k.dtype}, {v.dtype}. Cast them first.")
   dv = v.shape[3]
-  blocks = (block_sizes or BlockSizes()).clamp(t, s)
-  t_p, s_p = _round_up(t, blocks.q_multiple), _round_up(s, blocks.k_multiple)
   dk_p, dv_p = _head_dim(dk), _head_dim(dv)
+  blocks = block_sizes or default_block_sizes(q.dtype, dk_p, dv_p)
+  blocks = blocks.clamp(t, s)
+  t_p, s_p = _round_up(t, blocks.q_multiple), _round_up(s, blocks.k_multiple)
   qp = _pad_axis(_pad_axis(q, 1, t_p), 3, dk_p)                 # [b, t_p, h, dk_p]
   kp = _pad_axis(_pad_axis(k, 1, s_p), 3, dk_p)                 # [b, s_p, g, dk_p]
   vp = _pad_axis(_pad_axis(v, 1, s_p), 3, dv_p)                 # [b, s_p, g, dv_p]
@@ -193,21 +205,36 @@ def _backward(q, k, v, shift, seg, o, lse, do, dlse, p):
     args += list(seg)
   # Grouped heads: one float32 slab per query head, summed over the group below.
   slab = k.dtype if p.group == 1 else jnp.float32
-  dk, dvv = pl.pallas_call(
+  out_specs = [pl.BlockSpec((None, bk, None, d), lambda j, b_, h_: (b_, j, h_, 0)),
+               pl.BlockSpec((None, bk, None, dv), lambda j, b_, h_: (b_, j, h_, 0))]
+  out_shape = [jax.ShapeDtypeStruct((b, s_p, h, d), slab),
+               jax.ShapeDtypeStruct((b, s_p, h, dv), slab)]
+  aliases = {}
+  if bl.dq_atomic:
+    # Every key block of one (b, h) adds into that head's whole [t_p, d] dQ slab.
+    dq_spec = pl.BlockSpec((None, t_p, None, d), lambda j, b_, h_: (b_, 0, h_, 0))
+    in_specs.append(dq_spec)
+    out_specs.append(dq_spec)
+    out_shape.append(jax.ShapeDtypeStruct((b, t_p, h, d), jnp.float32))
+    aliases = {len(args): 2}
+    args.append(jnp.zeros((b, t_p, h, d), jnp.float32))
+  outs = pl.pallas_call(
       functools.partial(_k.dkv_kernel, p=p),
       grid=(s_p // bk, b, h),
       in_specs=in_specs,
-      out_specs=[pl.BlockSpec((None, bk, None, d), lambda j, b_, h_: (b_, j, h_, 0)),
-                 pl.BlockSpec((None, bk, None, dv), lambda j, b_, h_: (b_, j, h_, 0))],
-      out_shape=[jax.ShapeDtypeStruct((b, s_p, h, d), slab),
-                 jax.ShapeDtypeStruct((b, s_p, h, dv), slab)],
+      out_specs=out_specs,
+      out_shape=out_shape,
+      input_output_aliases=aliases,
       compiler_params=_compiler_params(p, backward=True),
       interpret=p.interpret,
       name="seqmix_flash_dkv",
   )(*args)
+  dk, dvv = outs[:2]
   if p.group > 1:
     dk = dk.reshape(b, s_p, g, p.group, d).sum(3).astype(k.dtype)     # [b, s_p, g, d]
     dvv = dvv.reshape(b, s_p, g, p.group, dv).sum(3).astype(v.dtype)  # [b, s_p, g, dv]
+  if bl.dq_atomic:
+    return (outs[2] * p.scale).astype(q.dtype), dk, dvv
 
   bq = bl.block_q_dq
   in_specs = [

@@ -47,8 +47,10 @@ from seqmix.ops import _impl
 # Keys per step of the `chunked` form. Module-level so tests (and users) can shrink it; it is
 # read when a call is traced.
 CHUNK_BLOCK_K = 512
-# Tile sizes of the `pallas` form (None: the kernel's defaults, tuned for Hopper). Read when a
-# call is traced; tests shrink it to get several blocks at T = 63 / 100.
+# Tile sizes of the `pallas` form (None: the kernel's defaults, tuned for Hopper and shrunk
+# per dtype and head dim to fit shared memory; a BlockSizes set here is used as given, e.g.
+# `BlockSizes(dq_atomic=True)` for the atomic-dQ backward). Read when a call is traced; tests
+# shrink it to get several blocks at T = 63 / 100.
 PALLAS_BLOCK_SIZES = None
 
 _ATTENTION_IMPLS = {"reference": True, "xla": True, "cudnn": True, "chunked": True,
