@@ -2,9 +2,9 @@
 
   PYTHONPATH=. python3 -m experiments.bench.kernels_linear_attention [--full]
 
-The default run fits ~90 s: a lean correctness check (8 cases at B=1 T=500), then pallas for
-every row and chunked for the fixed and scalar gates at B=8 T=4096 (rows past 80 s are skipped
-and say so). --full: every case at B=2 T=1000, chunked for every row, static-block variants,
+The default run fits ~3 min: a lean correctness check (10 cases at B=1 T=500), then pallas for
+every row, and for the fixed and scalar gates also the first (serial, "seq") backward and
+chunked, at B=8 T=4096 (rows past 150 s are skipped and say so). --full: every case at B=2 T=1000, chunked for every row, static-block variants,
 B=2 T=16384 and the fla hook.
 
 (1) Correctness on this backend at a medium shape (B=2, T=1000, H=4 value heads over 2 q/k
@@ -64,27 +64,35 @@ def _gla_args(kind, strength, b, t, h, hk, kd, vd, dtype, seed=0):
 
 def _gla(impl):
   if impl.startswith("pallas:"):
-    return _gla_variant(*(int(x) for x in impl.split(":")[1:]))
+    return _gla_variant(*impl.split(":")[1:])
   return lambda q, k, v, g, h0: linear_attention.gla(q, k, v, g, initial_state=h0, impl=impl)
 
 
-def _gla_variant(block_v, num_warps, num_stages, chunk):
-  """The pallas kernels with other static blocks ("pallas:Vb:warps:stages:chunk" rows)."""
+def _gla_variant(block_v, num_warps, num_stages, chunk, backward="two_pass", chunk_warps="8"):
+  """The pallas kernels with other static options ("pallas:Vb:warps:stages:chunk[:backward
+  [:chunk_warps]]" rows; backward "seq" is the first, serial backward of the scalar, fixed and
+  absent gates, "two_pass" the default)."""
   from kernels_pallas.gla import ops  # pylint: disable=import-outside-toplevel
   from seqmix.ops import _chunk  # pylint: disable=import-outside-toplevel
 
   def fn(q, k, v, g, h0):
     if g is not None:
-      g = jnp.broadcast_to(_chunk.clamp_log_gate(g.astype(jnp.float32)),
-                           (q.shape[0], q.shape[1], v.shape[2]) + g.shape[3:])
-    return ops.gla(q, k, v, g, h0, scale=q.shape[-1] ** -0.5, block_v=block_v,
-                   num_warps=num_warps, num_stages=num_stages, chunk_size=chunk)
+      g = _chunk.clamp_log_gate(g.astype(jnp.float32))
+      if g.ndim > 1:
+        g = jnp.broadcast_to(g, (q.shape[0], q.shape[1], v.shape[2]) + g.shape[3:])
+    return ops.gla(q, k, v, g, h0, scale=q.shape[-1] ** -0.5, block_v=int(block_v),
+                   num_warps=int(num_warps), num_stages=int(num_stages), chunk_size=int(chunk),
+                   backward=backward, chunk_warps=int(chunk_warps))
   return fn
 
 
-# Static-block variants timed beside the default (block_v=64, num_warps=4, num_stages=2) at
-# T=4096, scalar gate only (the fixed and absent gates run the same kernels).
-_VARIANTS = ("pallas:128:8:2:64", "pallas:64:8:2:64", "pallas:32:4:2:64", "pallas:64:4:3:64")
+# The first (serial) backward, timed beside the default two-pass one in every run.
+_SEQ = "pallas:64:4:2:64:seq"
+# Static-block variants timed beside the default (block_v=64, num_warps=4, num_stages=2,
+# two-pass backward with an 8-warp per-chunk kernel) at T=4096 (--full), scalar gate only
+# (the fixed and absent gates run the same kernels).
+_VARIANTS = ("pallas:128:8:2:64", "pallas:32:4:2:64", "pallas:64:4:3:64",
+             "pallas:64:4:2:64:two_pass:4", "pallas:64:4:2:128", "pallas:64:4:2:32")
 # Per-key gate: V blocks and chunk sizes (default 64:4:2:16).
 _KEY_VARIANTS = ("pallas:128:8:2:16", "pallas:64:4:2:32", "pallas:32:4:2:16")
 
@@ -103,7 +111,9 @@ _CASES = [("gla", "none", "weak", 128, jnp.bfloat16), ("gla", "fixed", "strong",
           ("gla", "scalar", "strong", 128, jnp.float32),
           ("gla", "scalar", "weak", 60, jnp.bfloat16),
           ("gla", "key", "strong", 128, jnp.float32), ("gla", "key", "weak", 60, jnp.bfloat16),
-          ("rwkv6", "key", "strong", 60, jnp.float32), ("rwkv6", "key", "weak", 128, jnp.bfloat16)]
+          ("rwkv6", "key", "strong", 60, jnp.float32), ("rwkv6", "key", "weak", 128, jnp.bfloat16),
+          ("gla", "scalar", "strong", 128, jnp.float32, _SEQ),
+          ("gla", "fixed", "weak", 128, jnp.bfloat16, _SEQ)]
 
 
 def _all_cases():
@@ -122,8 +132,11 @@ def check_correctness(b=2, t=1000, cases=None):
   print(f"== correctness: pallas vs reference at B={b} T={t} H=4 (2 q/k heads for gla); rel. "
         "errors of o, state, then the grads (gla: q, k, v, g, h0; rwkv6: r, k, v, w, u, h0)")
   fails = 0
-  for op, kind, strength, kd, dtype in cases or _CASES:
+  for case in cases or _CASES:
+    op, kind, strength, kd, dtype = case[:5]
+    impl = case[5] if len(case) > 5 else "pallas"
     name = f"{op:<5} {kind:<6} {strength:<6} K=V={kd:<3} {jnp.dtype(dtype).name:<8}"
+    name += "" if impl == "pallas" else f" {impl}"
     try:
       if op == "gla":
         args, cts = _gla_args(kind, strength, b, t, 4, 2, kd, kd, dtype)
@@ -134,7 +147,7 @@ def check_correctness(b=2, t=1000, cases=None):
       f32 = lambda x: None if x is None else x.astype(jnp.float32)
       with jax.default_matmul_precision("highest"):
         ref = _value_and_grads(fn("reference"), tuple(map(f32, args)), tuple(map(f32, cts)))
-      got = _value_and_grads(fn("pallas"), args, cts)
+      got = _value_and_grads(fn(impl), args, cts)
       errs = [rel_err(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref))]
       finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(got))
       # A fixed [H] gate's gradient sums B·T terms that cancel: printed, not judged.
@@ -253,7 +266,10 @@ def time_rows(shapes=((8, 4096),), h=16, kd=128, vd=128, full=False, deadline=No
           b, t, h, kd, vd, chunk=16 if kind in ("key", "rwkv6") else 64,
           per_key=kind in ("key", "rwkv6"))
       fb_bytes_row = fb_bytes
-      impls = ("pallas", "chunked") if full or kind in ("fixed", "scalar") else ("pallas",)
+      impls = (("pallas", _SEQ, "chunked") if full or kind in ("fixed", "scalar")
+               else ("pallas",))
+      if kind in ("key", "rwkv6"):
+        impls = tuple(i for i in impls if i != _SEQ)
       if full and kind == "scalar" and t == 4096:
         impls += _VARIANTS
       if full and kind in ("key", "rwkv6") and t == 4096:
@@ -300,7 +316,7 @@ def main(argv=None):
   else:
     check_correctness(b=1, t=500)
   time_rows(shapes=((8, 4096), (2, 16384)) if full else ((8, 4096),), full=full,
-            deadline=None if full else t0 + 80.0)
+            deadline=None if full else t0 + 150.0)
   print(f"total {time.perf_counter() - t0:.0f} s", flush=True)
 
 

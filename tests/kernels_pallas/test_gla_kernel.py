@@ -52,16 +52,19 @@ def _inputs(kind, strength, t, k_dim, groups, dtype, with_h0, seed=0):
   return (q, k, v, g, h0), cts
 
 
-def _pallas_fn(interpret):
-  """gla through the kernels with an explicit interpret flag (seqmix.ops picks it by backend)."""
+def _pallas_fn(interpret, **options):
+  """gla through the kernels with an explicit interpret flag (seqmix.ops picks it by backend);
+  a fixed gate stays [H], as seqmix.ops passes it."""
   def f(q, k, v, g, h0):
     b, t, _, kd = q.shape
     h, vd = v.shape[2], v.shape[3]
     if g is not None:
-      g = jnp.broadcast_to(_chunk.clamp_log_gate(g.astype(jnp.float32)), (b, t, h) + g.shape[3:])
+      g = _chunk.clamp_log_gate(g.astype(jnp.float32))
+      if g.ndim > 1:
+        g = jnp.broadcast_to(g, (b, t, h) + g.shape[3:])
     if h0 is None:
       h0 = jnp.zeros((b, h, kd, vd), jnp.float32)
-    return gla_pallas.gla(q, k, v, g, h0, scale=kd ** -0.5, interpret=interpret)
+    return gla_pallas.gla(q, k, v, g, h0, scale=kd ** -0.5, interpret=interpret, **options)
   return f
 
 
@@ -119,6 +122,10 @@ _GRID = [c for c in itertools.product(("none", "fixed", "scalar", "key"), ("weak
                                       (False, True), (1, 2))
          if not (c[0] == "none" and c[1] == "strong")]
 _AXES = "kind,strength,t,k_dim,dtype,with_h0,groups"
+# The first ("seq") backward of the scalar/fixed/no-gate kernels, kept for side-by-side timing;
+# the default ("two_pass") runs in every case above.
+_SEQ_SAMPLE = [("scalar", "strong", 100, 60, jnp.float32, True, 2)]
+_SEQ_GRID = [c for c in _GRID if c[0] != "key"]
 
 
 class TestGlaPallas:
@@ -142,6 +149,20 @@ class TestGlaPallas:
       pytest.skip("the GPU runs the sampled grid (device time is scarce); the full grid runs "
                   "in interpret mode")
     _check(_pallas_fn(self.INTERPRET), kind, strength, t, k_dim, dtype, with_h0, groups)
+
+  @pytest.mark.parametrize(_AXES, _SEQ_SAMPLE)
+  def test_seq_backward_matches_reference(self, kind, strength, t, k_dim, dtype, with_h0,
+                                          groups):
+    _check(_pallas_fn(self.INTERPRET, backward="seq"), kind, strength, t, k_dim, dtype,
+           with_h0, groups)
+
+  @pytest.mark.slow
+  @pytest.mark.parametrize(_AXES, _SEQ_GRID)
+  def test_seq_backward_full_grid(self, kind, strength, t, k_dim, dtype, with_h0, groups):
+    if not self.INTERPRET:
+      pytest.skip("the GPU runs the sampled grid; the full grid runs in interpret mode")
+    _check(_pallas_fn(self.INTERPRET, backward="seq"), kind, strength, t, k_dim, dtype,
+           with_h0, groups)
 
   @pytest.mark.parametrize("kind,chunk", [pytest.param("scalar", 16, marks=pytest.mark.slow),
                                           ("key", 32)])
@@ -171,8 +192,35 @@ def test_dispatch_runs_the_kernel():
   assert_trees_rel_close(got, want, RTOL["float32"], "gla pallas")
 
 
+def test_fixed_gate_stays_per_head():
+  """A fixed [H] gate reaches the kernels as [H] (one chunk's [H, C] row), never as a [B, H, T]
+  array or an XLA cumsum: XLA constant-folded those for seconds when the gate is a constant."""
+  (q, k, v, g, h0), cts = _inputs("fixed", "weak", 100, 16, 1, jnp.float32, True)
+
+  def loss(q, k, v, h0):
+    out = gla(q, k, v, jnp.linspace(-1.0, -0.1, H), initial_state=h0, impl="pallas")
+    return jnp.vdot(out[0], cts[0]) + jnp.vdot(out[1], cts[1])
+  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, h0)
+  eqns = []
+  def walk(jx):
+    for e in jx.eqns:
+      eqns.append(e)
+      for p in e.params.values():
+        for sub in (p if isinstance(p, (list, tuple)) else [p]):
+          if hasattr(sub, "eqns"):                                  # a Jaxpr
+            walk(sub)
+          elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):   # a ClosedJaxpr
+            walk(sub.jaxpr)
+  walk(jaxpr.jaxpr)
+  assert not [e for e in eqns if "cum" in e.primitive.name], "a cumsum of the gate"
+  gate_shaped = [e for e in eqns if e.primitive.name == "broadcast_in_dim"
+                 and {100, 128} & set(e.outvars[0].aval.shape)]     # T and T padded
+  assert not gate_shaped, f"a per-token gate array: {gate_shaped[0]}"
+
+
 @pytest.mark.parametrize("bad,match", [({"chunk_size": 48}, "power of two"),
-                                       ({"block_v": 8}, "power of two")])
+                                       ({"block_v": 8}, "power of two"),
+                                       ({"backward": "fast"}, "backward")])
 def test_bad_blocks_say_what_is_expected(bad, match):
   z = jnp.zeros((1, 4, 1, 16))
   with pytest.raises(ValueError, match=match):
