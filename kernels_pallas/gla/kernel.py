@@ -82,6 +82,10 @@ class Blocks:
   backward: "two_pass" or "seq" (module docstring).
   chunk_warps: num_warps of the two-pass backward's per-chunk kernel (it holds dq, dk
     accumulators and the C×C tiles at once: more warps, fewer registers per thread).
+  forward: per-key gates and rwkv6 only: "two_pass" (a states kernel over super-chunks, then
+    one program per super-chunk and V block) or "seq" (one serial program per head and V
+    block); kernel_key.py.
+  super_chunk: tokens per super-chunk of the per-key "two_pass" forward (a multiple of chunk).
   """
   chunk: int = 64
   block_v: int = 64
@@ -89,6 +93,8 @@ class Blocks:
   num_stages: int = 2
   backward: str = "two_pass"
   chunk_warps: int = 8
+  forward: str = "two_pass"
+  super_chunk: int = 64
 
 
 def _dot(a, b, ca, cb, prec):

@@ -36,7 +36,8 @@ def default_interpret() -> bool:
 
 
 def gla(q, k, v, g, h0, *, scale, chunk_size=None, block_v=64, num_warps=4, num_stages=2,
-        backward="two_pass", chunk_warps=8, interpret=None):
+        backward="two_pass", chunk_warps=8, forward="two_pass", super_chunk=64,
+        interpret=None):
   """gla through the chunkwise kernels (kernel.py; kernel_key.py for per-key gates).
 
   Args:
@@ -52,6 +53,9 @@ def gla(q, k, v, g, h0, *, scale, chunk_size=None, block_v=64, num_warps=4, num_
     num_warps, num_stages: Triton launch parameters.
     backward: the scalar/fixed/no-gate backward scheme, "two_pass" or "seq" (kernel.py).
     chunk_warps: num_warps of the two-pass backward's per-chunk kernel.
+    forward: the per-key forward scheme, "two_pass" or "seq" (kernel_key.py).
+    super_chunk: tokens per super-chunk of the per-key "two_pass" forward (a power of two;
+      at least the chunk).
     interpret: None picks `default_interpret()`.
 
   Returns:
@@ -70,11 +74,14 @@ def gla(q, k, v, g, h0, *, scale, chunk_size=None, block_v=64, num_warps=4, num_
                      f"[B, T, H, K] = {(b, t, h, kd)}; got {g.shape=}.")
   if backward not in kernel.BACKWARDS:
     raise ValueError(f"gla pallas: backward={backward!r}; expected one of {kernel.BACKWARDS}.")
+  if forward not in kernel.BACKWARDS:
+    raise ValueError(f"gla pallas: forward={forward!r}; expected one of {kernel.BACKWARDS}.")
   if chunk_size is None:
     chunk_size = 16 if per_key else 64
   if h0.shape != (b, h, kd, vd):
     raise ValueError(f"gla pallas: {h0.shape=} must be [B, H, K, V] = {(b, h, kd, vd)}.")
-  for name, val in (("chunk_size", chunk_size), ("block_v", block_v)):
+  for name, val in (("chunk_size", chunk_size), ("block_v", block_v),
+                    ("super_chunk", super_chunk)):
     if val < 16 or val & (val - 1):
       raise ValueError(f"gla pallas: {name}={val} must be a power of two >= 16 (Triton dots "
                        f"need dims >= 16); e.g. 64.")
@@ -84,9 +91,10 @@ def gla(q, k, v, g, h0, *, scale, chunk_size=None, block_v=64, num_warps=4, num_
   kp = _pow2_at_least(kd)
   bv = min(block_v, _pow2_at_least(vd))
   vp = -(-vd // bv) * bv
-  tp = -(-t // c) * c
+  cs = super_chunk_size(c, super_chunk, t, per_key and forward == "two_pass")
+  tp = -(-t // cs) * cs
   cfg = _Config(float(scale),
-                kernel.Blocks(c, bv, num_warps, num_stages, backward, chunk_warps),
+                kernel.Blocks(c, bv, num_warps, num_stages, backward, chunk_warps, forward, cs),
                 bool(interpret), t)
 
   cdt = jnp.result_type(q.dtype, k.dtype, v.dtype)
@@ -108,6 +116,12 @@ def gla(q, k, v, g, h0, *, scale, chunk_size=None, block_v=64, num_warps=4, num_
     gp = pad(jnp.swapaxes(g.astype(_F32), 1, 2), ((0, 0), (0, 0), (0, tp - t)))  # [b, h, tp]
   o, s = _core(qp, kpd, vpd, gp, h0p, cfg)
   return o[:, :t, :, :vd].astype(v.dtype), s[:, :, :kd, :vd]
+
+
+def super_chunk_size(c, super_chunk, t, used):
+  """Tokens per super-chunk (T is padded to it): c when unused, else super_chunk clipped to
+  the padded sequence, never below c."""
+  return max(c, min(super_chunk, _pow2_at_least(t))) if used else c
 
 
 def _kernel_gate(g, cfg):

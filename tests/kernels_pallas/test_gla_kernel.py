@@ -164,17 +164,21 @@ class TestGlaPallas:
     _check(_pallas_fn(self.INTERPRET, backward="seq"), kind, strength, t, k_dim, dtype,
            with_h0, groups)
 
-  @pytest.mark.parametrize("kind,chunk", [pytest.param("scalar", 16, marks=pytest.mark.slow),
-                                          ("key", 32)])
-  def test_chunk_and_block_sizes(self, kind, chunk):
+  @pytest.mark.parametrize("kind,chunk,options", [
+      pytest.param("scalar", 16, {}, marks=pytest.mark.slow),
+      pytest.param("scalar", 16, {"backward": "seq"}, marks=pytest.mark.slow),
+      ("key", 32, {"forward": "seq"}),
+      pytest.param("key", 16, {"super_chunk": 16}, marks=pytest.mark.slow),
+      pytest.param("key", 32, {}, marks=pytest.mark.slow)])
+  def test_chunk_and_block_sizes(self, kind, chunk, options):
     """Other static blocks: V blocks of 16 with V = 60 (four programs per head, their dq, dk,
     dg parts summed), chunk 16 for the scalar gate and 32 for the per-key gate (defaults 64
-    and 16)."""
+    and 16), the first ("seq") schemes, a super-chunk of one chunk."""
     args, cts = _inputs(kind, "strong", 40, 60, 1, jnp.float32, True)
 
     def fn(q, k, v, g, h0):
       return gla_pallas.gla(q, k, v, _chunk.clamp_log_gate(g), h0, scale=60 ** -0.5,
-                            chunk_size=chunk, block_v=16, interpret=self.INTERPRET)
+                            chunk_size=chunk, block_v=16, interpret=self.INTERPRET, **options)
     ref_out, ref_grads = _run(_reference_fn, args, cts)
     out, grads = _run(fn, args, cts)
     assert_trees_rel_close((out, grads), (ref_out, ref_grads), RTOL["float32"], kind)
@@ -220,7 +224,8 @@ def test_fixed_gate_stays_per_head():
 
 @pytest.mark.parametrize("bad,match", [({"chunk_size": 48}, "power of two"),
                                        ({"block_v": 8}, "power of two"),
-                                       ({"backward": "fast"}, "backward")])
+                                       ({"backward": "fast"}, "backward"),
+                                       ({"forward": "fast"}, "forward")])
 def test_bad_blocks_say_what_is_expected(bad, match):
   z = jnp.zeros((1, 4, 1, 16))
   with pytest.raises(ValueError, match=match):
