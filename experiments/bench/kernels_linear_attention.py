@@ -3,9 +3,10 @@
   PYTHONPATH=. python3 -m experiments.bench.kernels_linear_attention [--full]
 
 The default run fits ~3 min: a lean correctness check (12 cases at B=1 T=500), then pallas for
-every row beside its first (serial, "seq") backward (fixed, scalar gates) or forward (per-key,
-rwkv6), and chunked for the fixed and scalar gates, at B=8 T=4096 (rows past 150 s are skipped and say so). --full: every case at B=2 T=1000, chunked for every row, static-block variants,
-B=2 T=16384 and the fla hook.
+every row beside its first (serial, "seq") forward and backward (fixed, scalar gates) or forward
+(per-key, rwkv6), and chunked for the fixed and scalar gates, at B=8 T=4096 (rows past 150 s are
+skipped and say so). --full: every case at B=2 T=1000, chunked for every row, static-block
+variants, B=2 T=16384 and the fla hook.
 
 (1) Correctness on this backend at a medium shape (B=2, T=1000, H=4 value heads over 2 q/k
 heads, K=V=128 and K=V=60, float32 and bfloat16, weak and strong gates with -inf resets):
@@ -69,7 +70,7 @@ def _gla(impl):
 
 
 def _gla_variant(block_v, num_warps, num_stages, chunk, backward="two_pass", chunk_warps="8",
-                 forward="two_pass", super_chunk="64"):
+                 forward="two_pass", super_chunk="0"):
   """The pallas kernels with other static options ("pallas:Vb:warps:stages:chunk[:backward
   [:chunk_warps[:forward[:super_chunk]]]]" rows; backward "seq" is the first, serial backward
   of the scalar, fixed and absent gates, forward "seq" the first, serial per-key forward;
@@ -85,7 +86,7 @@ def _gla_variant(block_v, num_warps, num_stages, chunk, backward="two_pass", chu
     return ops.gla(q, k, v, g, h0, scale=q.shape[-1] ** -0.5, block_v=int(block_v),
                    num_warps=int(num_warps), num_stages=int(num_stages), chunk_size=int(chunk),
                    backward=backward, chunk_warps=int(chunk_warps), forward=forward,
-                   super_chunk=int(super_chunk))
+                   super_chunk=int(super_chunk) or None)
   return fn
 
 
@@ -104,13 +105,17 @@ def _rwkv6_variant(block_v, num_warps, num_stages, chunk, _backward="two_pass", 
   return fn
 
 
-# The first (serial) backward, timed beside the default two-pass one in every run.
-_SEQ = "pallas:64:4:2:64:seq"
+# The first (serial) forward and backward, timed beside the default two-pass ones in every
+# run (super-chunk 0: the default, 256 tokens for scalar gates, 64 per-key).
+_SEQ = "pallas:64:4:2:64:seq:8:seq"
 # Static-block variants timed beside the default (block_v=64, num_warps=4, num_stages=2,
 # two-pass backward with an 8-warp per-chunk kernel) at T=4096 (--full), scalar gate only
 # (the fixed and absent gates run the same kernels).
 _VARIANTS = ("pallas:128:8:2:64", "pallas:32:4:2:64", "pallas:64:4:3:64",
-             "pallas:64:4:2:64:two_pass:4", "pallas:64:4:2:128", "pallas:64:4:2:32")
+             "pallas:64:4:2:64:two_pass:4", "pallas:64:4:2:128", "pallas:64:4:2:32",
+             "pallas:64:4:2:64:two_pass:8:two_pass:128",
+             "pallas:64:4:2:64:two_pass:8:two_pass:512",
+             "pallas:64:4:2:64:two_pass:8:seq", "pallas:64:4:2:64:seq:8:two_pass")
 # Per-key gate and rwkv6: the first (serial) forward, timed beside the default two-pass one
 # in every run; --full adds V blocks, chunk and super-chunk sizes (default 64:4:2:16, super 64).
 _KEY_SEQ = "pallas:64:4:2:16:two_pass:8:seq"

@@ -82,10 +82,11 @@ class Blocks:
   backward: "two_pass" or "seq" (module docstring).
   chunk_warps: num_warps of the two-pass backward's per-chunk kernel (it holds dq, dk
     accumulators and the C×C tiles at once: more warps, fewer registers per thread).
-  forward: per-key gates and rwkv6 only: "two_pass" (a states kernel over super-chunks, then
-    one program per super-chunk and V block) or "seq" (one serial program per head and V
-    block); kernel_key.py.
-  super_chunk: tokens per super-chunk of the per-key "two_pass" forward (a multiple of chunk).
+  forward: "two_pass" (a states kernel over super-chunks, then one program per super-chunk
+    and V block walking its chunks) or "seq" (one serial program per head and V block walking
+    every chunk); here and in kernel_key.py.
+  super_chunk: tokens per super-chunk of the "two_pass" forward (a multiple of chunk; equal
+    to chunk here means "seq").
   """
   chunk: int = 64
   block_v: int = 64
@@ -108,16 +109,17 @@ def _precision(dtype):
   return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
-def _gate_row(g_ref, n, c, gate, t_valid, whole_t):
+def _gate_row(g_ref, n, c, gate, t_valid, whole_t, chunk0=0):
   """The raw gates [c] float32 of chunk n (None without gates).
 
-  whole_t: the ref holds the whole sequence ("token" gates are sliced to chunk n); else it
-  holds chunk n only. "fixed" refs hold one chunk's gates; tokens past t_valid get 0."""
+  whole_t: the ref holds the sequence (or a super-chunk: "token" gates are sliced to chunk n);
+  else it holds chunk n only. "fixed" refs hold one chunk's c gates; tokens past t_valid get
+  0, chunk0 + n is the chunk's global index."""
   if gate == "none":
     return None
   if gate == "token":
     return g_ref[pl.ds(n * c, c)] if whole_t else g_ref[...]
-  pos = n * c + jnp.arange(c)
+  pos = (chunk0 + n) * c + jnp.arange(c)
   return jnp.where(pos < t_valid, g_ref[...], 0.0)
 
 
@@ -148,12 +150,19 @@ def _exact_decay(gr, c):
   return jnp.where(causal, jnp.exp(jnp.where(causal, seg, 0.0)), 0.0)
 
 
-def _fwd_kernel(*refs, scale, c, n_chunks, gate, t_valid, write_states):
+def _fwd_kernel(*refs, scale, c, n_chunks, gate, t_valid, write_states, super_chunk=None):
+  """super_chunk None: the whole sequence from h0, writing the final state; else pass 2 of
+  the "two_pass" forward: super-chunk program_id(2) of that many tokens from its entering state
+  (h0_ref), no final state."""
   if gate == "none":
-    q_ref, k_ref, v_ref, h0_ref, o_ref, s_ref, *st = refs
+    q_ref, k_ref, v_ref, h0_ref, o_ref, *st = refs
     g_ref = None
   else:
-    q_ref, k_ref, v_ref, g_ref, h0_ref, o_ref, s_ref, *st = refs
+    q_ref, k_ref, v_ref, g_ref, h0_ref, o_ref, *st = refs
+  s_ref = None
+  if super_chunk is None:
+    s_ref, *st = st
+  base = 0 if super_chunk is None else pl.program_id(2) * (super_chunk // c)
   cdt = v_ref.dtype
   prec = _precision(cdt)
   kd = k_ref.shape[-1]
@@ -163,7 +172,8 @@ def _fwd_kernel(*refs, scale, c, n_chunks, gate, t_valid, write_states):
     if write_states:
       st[0][pl.ds(n * kd, kd), :] = s.astype(st[0].dtype)
     q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]         # [c, K], [c, K], [c, Vb]
-    gc, gam, tail, d = _chunk_gates(_gate_row(g_ref, n, c, gate, t_valid, True), c)
+    gr = _gate_row(g_ref, n, c, gate, t_valid, True, chunk0=base)
+    gc, gam, tail, d = _chunk_gates(gr, c)
     att = _dot(q, k, 1, 1, prec) * d                                   # [c, c]
     o = _dot(att.astype(cdt), v, 1, 0, prec)                           # [c, Vb]
     if gc is None:
@@ -175,6 +185,36 @@ def _fwd_kernel(*refs, scale, c, n_chunks, gate, t_valid, write_states):
     o = o + _dot(q_in, s.astype(cdt), 1, 0, prec)
     o_ref[rows, :] = (scale * o).astype(o_ref.dtype)
     return s_kept + _dot(k_out, v, 0, 0, prec)                         # [K, Vb]
+
+  s = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(_F32))
+  if s_ref is not None:
+    s_ref[...] = s
+
+
+def _super_states_kernel(*refs, cs, n_chunks, gate, t_valid):
+  """"two_pass" forward, pass 1: the state entering every super-chunk of cs tokens (in the
+  states' dtype) and the final state: S <- e^Γ S + (k ⊙ e^{Γ-G})ᵀ v over cs tokens at once."""
+  if gate == "none":
+    k_ref, v_ref, h0_ref, st_ref, s_ref = refs
+    g_ref = None
+  else:
+    k_ref, v_ref, g_ref, h0_ref, st_ref, s_ref = refs
+  cdt = v_ref.dtype
+  prec = _precision(cdt)
+  kd = k_ref.shape[-1]
+  idx = jnp.arange(cs)
+
+  def body(n, s):
+    rows = pl.ds(n * cs, cs)
+    st_ref[pl.ds(n * kd, kd), :] = s.astype(st_ref.dtype)
+    k, v = k_ref[rows, :], v_ref[rows, :]
+    if g_ref is None:
+      return s + _dot(k, v, 0, 0, prec)
+    gr = _gate_row(g_ref, n, cs, gate, t_valid, True)
+    # Γ - G_s summed from its own gates (see _chunk_gates).
+    tail = jnp.sum(jnp.where(idx[None, :] > idx[:, None], gr[None, :], 0.0), axis=1)
+    k_out = (k.astype(_F32) * jnp.exp(tail)[:, None]).astype(cdt)
+    return jnp.exp(jnp.sum(gr)) * s + _dot(k_out, v, 0, 0, prec)
 
   s_ref[...] = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(_F32))
 
@@ -387,6 +427,9 @@ def forward(q, k, v, g, h0, *, scale, blocks, interpret, t_valid, states_dtype=N
   b, t, hk, kd = q.shape
   h, vd = v.shape[2], v.shape[3]
   c = blocks.chunk
+  if blocks.forward == "two_pass" and blocks.super_chunk > c:
+    return _forward_two_pass(q, k, v, g, h0, scale=scale, blocks=blocks, interpret=interpret,
+                             t_valid=t_valid, states_dtype=states_dtype)
   qk, vv, state, _, _, states = _seq_specs(t, h, hk, kd, blocks)
   gate = gate_kind(g)
   kern = functools.partial(_fwd_kernel, scale=scale, c=c, n_chunks=t // c, gate=gate,
@@ -400,6 +443,47 @@ def forward(q, k, v, g, h0, *, scale, blocks, interpret, t_valid, states_dtype=N
   specs = [qk, qk, vv] + _gate_spec(gate, t, c, True) + [state]
   return _call(kern, (b, h, vd // blocks.block_v), specs, outs, shapes,
                blocks, interpret, "gla_fwd")(*ins)
+
+
+def _forward_two_pass(q, k, v, g, h0, *, scale, blocks, interpret, t_valid, states_dtype):
+  """Pass 1 (`_super_states_kernel`: states entering each super-chunk of cs tokens), then one
+  program per (b, h, super-chunk, V block) running `_fwd_kernel` over its cs / C chunks."""
+  b, t, hk, kd = q.shape
+  h, vd = v.shape[2], v.shape[3]
+  c, cs, bv = blocks.chunk, blocks.super_chunk, blocks.block_v
+  r = h // hk
+  gate = gate_kind(g)
+  gs = [] if g is None else [g]
+  qk, vv, state, _, _, _ = _seq_specs(t, h, hk, kd, blocks)
+  if gate == "fixed":
+    g1 = [jnp.broadcast_to(g[:, :1], (h, cs))]                            # [h, cs]
+    g1_spec = [pl.BlockSpec((None, cs), lambda i, j, l: (j, 0))]
+  else:
+    g1, g1_spec = gs, _gate_spec(gate, t, c, True)
+  sup = pl.BlockSpec((None, None, (t // cs) * kd, bv), lambda i, j, l: (i, j, 0, l))
+  h_in, s_fin = _call(
+      functools.partial(_super_states_kernel, cs=cs, n_chunks=t // cs, gate=gate,
+                        t_valid=t_valid),
+      (b, h, vd // bv), [qk, vv] + g1_spec + [state], [sup, state],
+      [jax.ShapeDtypeStruct((b, h, (t // cs) * kd, vd), v.dtype),
+       jax.ShapeDtypeStruct((b, h, kd, vd), _F32)],
+      blocks, interpret, "gla_fwd_states")(k, v, *g1, h0)
+  q2 = pl.BlockSpec((None, cs, None, kd), lambda i, j, n, l: (i, n, j // r, 0))
+  v2 = pl.BlockSpec((None, cs, None, bv), lambda i, j, n, l: (i, n, j, l))
+  h2 = pl.BlockSpec((None, None, kd, bv), lambda i, j, n, l: (i, j, n, l))
+  sub = pl.BlockSpec((None, None, (cs // c) * kd, bv), lambda i, j, n, l: (i, j, n, l))
+  g2_spec = {"none": [], "fixed": [pl.BlockSpec((None, c), lambda i, j, n, l: (j, 0))],
+             "token": [pl.BlockSpec((None, None, cs), lambda i, j, n, l: (i, j, n))]}[gate]
+  outs, shapes = [v2], [jax.ShapeDtypeStruct(v.shape, v.dtype)]
+  if states_dtype is not None:
+    outs.append(sub)
+    shapes.append(jax.ShapeDtypeStruct((b, h, (t // c) * kd, vd), states_dtype))
+  kern = functools.partial(_fwd_kernel, scale=scale, c=c, n_chunks=cs // c, gate=gate,
+                           t_valid=t_valid, write_states=states_dtype is not None,
+                           super_chunk=cs)
+  res = _call(kern, (b, h, t // cs, vd // bv), [q2, q2, v2] + g2_spec + [h2], outs, shapes,
+              blocks, interpret, "gla_fwd_chunks")(q, k, v, *gs, h_in)
+  return (res[0], s_fin) + tuple(res[1:])
 
 
 def backward(q, k, v, g, h0, do, ds, *, scale, blocks, interpret, t_valid, states=None,

@@ -36,7 +36,7 @@ def default_interpret() -> bool:
 
 
 def gla(q, k, v, g, h0, *, scale, chunk_size=None, block_v=64, num_warps=4, num_stages=2,
-        backward="two_pass", chunk_warps=8, forward="two_pass", super_chunk=64,
+        backward="two_pass", chunk_warps=8, forward="two_pass", super_chunk=None,
         interpret=None):
   """gla through the chunkwise kernels (kernel.py; kernel_key.py for per-key gates).
 
@@ -53,9 +53,9 @@ def gla(q, k, v, g, h0, *, scale, chunk_size=None, block_v=64, num_warps=4, num_
     num_warps, num_stages: Triton launch parameters.
     backward: the scalar/fixed/no-gate backward scheme, "two_pass" or "seq" (kernel.py).
     chunk_warps: num_warps of the two-pass backward's per-chunk kernel.
-    forward: the per-key forward scheme, "two_pass" or "seq" (kernel_key.py).
-    super_chunk: tokens per super-chunk of the per-key "two_pass" forward (a power of two;
-      at least the chunk).
+    forward: the forward scheme, "two_pass" or "seq" (kernel.py, kernel_key.py).
+    super_chunk: tokens per super-chunk of the "two_pass" forward (a power of two; at least
+      the chunk); None: 64 for per-key gates (4 chunks of 16), else 256 (4 chunks of 64).
     interpret: None picks `default_interpret()`.
 
   Returns:
@@ -78,6 +78,8 @@ def gla(q, k, v, g, h0, *, scale, chunk_size=None, block_v=64, num_warps=4, num_
     raise ValueError(f"gla pallas: forward={forward!r}; expected one of {kernel.BACKWARDS}.")
   if chunk_size is None:
     chunk_size = 16 if per_key else 64
+  if super_chunk is None:
+    super_chunk = 64 if per_key else 256
   if h0.shape != (b, h, kd, vd):
     raise ValueError(f"gla pallas: {h0.shape=} must be [B, H, K, V] = {(b, h, kd, vd)}.")
   for name, val in (("chunk_size", chunk_size), ("block_v", block_v),
@@ -91,7 +93,7 @@ def gla(q, k, v, g, h0, *, scale, chunk_size=None, block_v=64, num_warps=4, num_
   kp = _pow2_at_least(kd)
   bv = min(block_v, _pow2_at_least(vd))
   vp = -(-vd // bv) * bv
-  cs = super_chunk_size(c, super_chunk, t, per_key and forward == "two_pass")
+  cs = super_chunk_size(c, super_chunk, t, forward == "two_pass")
   tp = -(-t // cs) * cs
   cfg = _Config(float(scale),
                 kernel.Blocks(c, bv, num_warps, num_stages, backward, chunk_warps, forward, cs),

@@ -165,7 +165,8 @@ class TestGlaPallas:
            with_h0, groups)
 
   @pytest.mark.parametrize("kind,chunk,options", [
-      pytest.param("scalar", 16, {}, marks=pytest.mark.slow),
+      ("scalar", 16, {"super_chunk": 32}),
+      pytest.param("scalar", 16, {"forward": "seq"}, marks=pytest.mark.slow),
       pytest.param("scalar", 16, {"backward": "seq"}, marks=pytest.mark.slow),
       ("key", 32, {"forward": "seq"}),
       pytest.param("key", 16, {"super_chunk": 16}, marks=pytest.mark.slow),
@@ -173,7 +174,8 @@ class TestGlaPallas:
   def test_chunk_and_block_sizes(self, kind, chunk, options):
     """Other static blocks: V blocks of 16 with V = 60 (four programs per head, their dq, dk,
     dg parts summed), chunk 16 for the scalar gate and 32 for the per-key gate (defaults 64
-    and 16), the first ("seq") schemes, a super-chunk of one chunk."""
+    and 16), the first ("seq") schemes, super-chunks of two chunks (scalar: two of them) and
+    of one chunk."""
     args, cts = _inputs(kind, "strong", 40, 60, 1, jnp.float32, True)
 
     def fn(q, k, v, g, h0):
