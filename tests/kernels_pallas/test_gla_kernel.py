@@ -211,6 +211,8 @@ def test_fixed_gate_stays_per_head():
   def walk(jx):
     for e in jx.eqns:
       eqns.append(e)
+      if e.primitive.name == "pallas_call":    # the kernel bodies: not XLA's to fold
+        continue
       for p in e.params.values():
         for sub in (p if isinstance(p, (list, tuple)) else [p]):
           if hasattr(sub, "eqns"):                                  # a Jaxpr
@@ -219,8 +221,10 @@ def test_fixed_gate_stays_per_head():
             walk(sub.jaxpr)
   walk(jaxpr.jaxpr)
   assert not [e for e in eqns if "cum" in e.primitive.name], "a cumsum of the gate"
+  # [B, T, H] / [B, H, T] (T or T padded); a fixed gate's one-row [H, C] may be broadcast.
   gate_shaped = [e for e in eqns if e.primitive.name == "broadcast_in_dim"
-                 and {100, 128} & set(e.outvars[0].aval.shape)]     # T and T padded
+                 and len(e.outvars[0].aval.shape) >= 3
+                 and {100, 128} & set(e.outvars[0].aval.shape)]
   assert not gate_shaped, f"a per-token gate array: {gate_shaped[0]}"
 
 
