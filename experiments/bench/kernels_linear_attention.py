@@ -2,10 +2,11 @@
 
   PYTHONPATH=. python3 -m experiments.bench.kernels_linear_attention [--full]
 
-The default run fits ~90 s: a lean correctness check (8 cases at B=1 T=500), then pallas for
-every row and chunked for the fixed and scalar gates at B=8 T=4096 (rows past 80 s are skipped
-and say so). --full: every case at B=2 T=1000, chunked for every row, static-block variants,
-B=2 T=16384 and the fla hook.
+The default run fits ~3 min: a lean correctness check (12 cases at B=1 T=500), then pallas for
+every row beside its first (serial, "seq") forward and backward (fixed, scalar gates) or forward
+(per-key, rwkv6), and chunked for the fixed and scalar gates, at B=8 T=4096 (rows past 150 s are
+skipped and say so). --full: every case at B=2 T=1000, chunked for every row, static-block
+variants, B=2 T=16384 and the fla hook.
 
 (1) Correctness on this backend at a medium shape (B=2, T=1000, H=4 value heads over 2 q/k
 heads, K=V=128 and K=V=60, float32 and bfloat16, weak and strong gates with -inf resets):
@@ -64,29 +65,63 @@ def _gla_args(kind, strength, b, t, h, hk, kd, vd, dtype, seed=0):
 
 def _gla(impl):
   if impl.startswith("pallas:"):
-    return _gla_variant(*(int(x) for x in impl.split(":")[1:]))
+    return _gla_variant(*impl.split(":")[1:])
   return lambda q, k, v, g, h0: linear_attention.gla(q, k, v, g, initial_state=h0, impl=impl)
 
 
-def _gla_variant(block_v, num_warps, num_stages, chunk):
-  """The pallas kernels with other static blocks ("pallas:Vb:warps:stages:chunk" rows)."""
+def _gla_variant(block_v, num_warps, num_stages, chunk, backward="two_pass", chunk_warps="8",
+                 forward="two_pass", super_chunk="0"):
+  """The pallas kernels with other static options ("pallas:Vb:warps:stages:chunk[:backward
+  [:chunk_warps[:forward[:super_chunk]]]]" rows; backward "seq" is the first, serial backward
+  of the scalar, fixed and absent gates, forward "seq" the first, serial per-key forward;
+  "two_pass" the defaults)."""
   from kernels_pallas.gla import ops  # pylint: disable=import-outside-toplevel
   from seqmix.ops import _chunk  # pylint: disable=import-outside-toplevel
 
   def fn(q, k, v, g, h0):
     if g is not None:
-      g = jnp.broadcast_to(_chunk.clamp_log_gate(g.astype(jnp.float32)),
-                           (q.shape[0], q.shape[1], v.shape[2]) + g.shape[3:])
-    return ops.gla(q, k, v, g, h0, scale=q.shape[-1] ** -0.5, block_v=block_v,
-                   num_warps=num_warps, num_stages=num_stages, chunk_size=chunk)
+      g = _chunk.clamp_log_gate(g.astype(jnp.float32))
+      if g.ndim > 1:
+        g = jnp.broadcast_to(g, (q.shape[0], q.shape[1], v.shape[2]) + g.shape[3:])
+    return ops.gla(q, k, v, g, h0, scale=q.shape[-1] ** -0.5, block_v=int(block_v),
+                   num_warps=int(num_warps), num_stages=int(num_stages), chunk_size=int(chunk),
+                   backward=backward, chunk_warps=int(chunk_warps), forward=forward,
+                   super_chunk=int(super_chunk) or None)
   return fn
 
 
-# Static-block variants timed beside the default (block_v=64, num_warps=4, num_stages=2) at
-# T=4096, scalar gate only (the fixed and absent gates run the same kernels).
-_VARIANTS = ("pallas:128:8:2:64", "pallas:64:8:2:64", "pallas:32:4:2:64", "pallas:64:4:3:64")
-# Per-key gate: V blocks and chunk sizes (default 64:4:2:16).
-_KEY_VARIANTS = ("pallas:128:8:2:16", "pallas:64:4:2:32", "pallas:32:4:2:16")
+def _rwkv6_variant(block_v, num_warps, num_stages, chunk, _backward="two_pass", _chunk_warps="8",
+                   forward="two_pass", super_chunk="64"):
+  """rwkv6 through the kernels with the same "pallas:..." fields as `_gla_variant` (its
+  backward has one scheme: the backward fields are ignored)."""
+  from kernels_pallas.rwkv6 import ops  # pylint: disable=import-outside-toplevel
+  from seqmix.ops import _chunk  # pylint: disable=import-outside-toplevel
+
+  def fn(r, k, v, w, u, h0):
+    return ops.rwkv6(r, k, v, _chunk.clamp_log_gate(w.astype(jnp.float32)),
+                     u.astype(jnp.float32), h0, scale=1.0, block_v=int(block_v),
+                     num_warps=int(num_warps), num_stages=int(num_stages),
+                     chunk_size=int(chunk), forward=forward, super_chunk=int(super_chunk))
+  return fn
+
+
+# The first (serial) forward and backward, timed beside the default two-pass ones in every
+# run (super-chunk 0: the default, 256 tokens for scalar gates, 64 per-key).
+_SEQ = "pallas:64:4:2:64:seq:8:seq"
+# Static-block variants timed beside the default (block_v=64, num_warps=4, num_stages=2,
+# two-pass backward with an 8-warp per-chunk kernel) at T=4096 (--full), scalar gate only
+# (the fixed and absent gates run the same kernels).
+_VARIANTS = ("pallas:128:8:2:64", "pallas:32:4:2:64", "pallas:64:4:3:64",
+             "pallas:64:4:2:64:two_pass:4", "pallas:64:4:2:128", "pallas:64:4:2:32",
+             "pallas:64:4:2:64:two_pass:8:two_pass:128",
+             "pallas:64:4:2:64:two_pass:8:two_pass:512",
+             "pallas:64:4:2:64:two_pass:8:seq", "pallas:64:4:2:64:seq:8:two_pass")
+# Per-key gate and rwkv6: the first (serial) forward, timed beside the default two-pass one
+# in every run; --full adds V blocks, chunk and super-chunk sizes (default 64:4:2:16, super 64).
+_KEY_SEQ = "pallas:64:4:2:16:two_pass:8:seq"
+_KEY_VARIANTS = ("pallas:128:8:2:16", "pallas:64:4:2:32", "pallas:32:4:2:16",
+                 "pallas:64:4:2:16:two_pass:8:two_pass:128",
+                 "pallas:64:4:2:16:two_pass:8:two_pass:32", "pallas:128:8:2:16:two_pass:8:seq")
 
 
 def _vjp_all(fn, args, cts):
@@ -103,7 +138,11 @@ _CASES = [("gla", "none", "weak", 128, jnp.bfloat16), ("gla", "fixed", "strong",
           ("gla", "scalar", "strong", 128, jnp.float32),
           ("gla", "scalar", "weak", 60, jnp.bfloat16),
           ("gla", "key", "strong", 128, jnp.float32), ("gla", "key", "weak", 60, jnp.bfloat16),
-          ("rwkv6", "key", "strong", 60, jnp.float32), ("rwkv6", "key", "weak", 128, jnp.bfloat16)]
+          ("rwkv6", "key", "strong", 60, jnp.float32), ("rwkv6", "key", "weak", 128, jnp.bfloat16),
+          ("gla", "scalar", "strong", 128, jnp.float32, _SEQ),
+          ("gla", "fixed", "weak", 128, jnp.bfloat16, _SEQ),
+          ("gla", "key", "strong", 128, jnp.float32, _KEY_SEQ),
+          ("rwkv6", "key", "strong", 60, jnp.float32, _KEY_SEQ)]
 
 
 def _all_cases():
@@ -122,8 +161,11 @@ def check_correctness(b=2, t=1000, cases=None):
   print(f"== correctness: pallas vs reference at B={b} T={t} H=4 (2 q/k heads for gla); rel. "
         "errors of o, state, then the grads (gla: q, k, v, g, h0; rwkv6: r, k, v, w, u, h0)")
   fails = 0
-  for op, kind, strength, kd, dtype in cases or _CASES:
+  for case in cases or _CASES:
+    op, kind, strength, kd, dtype = case[:5]
+    impl = case[5] if len(case) > 5 else "pallas"
     name = f"{op:<5} {kind:<6} {strength:<6} K=V={kd:<3} {jnp.dtype(dtype).name:<8}"
+    name += "" if impl == "pallas" else f" {impl}"
     try:
       if op == "gla":
         args, cts = _gla_args(kind, strength, b, t, 4, 2, kd, kd, dtype)
@@ -134,7 +176,7 @@ def check_correctness(b=2, t=1000, cases=None):
       f32 = lambda x: None if x is None else x.astype(jnp.float32)
       with jax.default_matmul_precision("highest"):
         ref = _value_and_grads(fn("reference"), tuple(map(f32, args)), tuple(map(f32, cts)))
-      got = _value_and_grads(fn("pallas"), args, cts)
+      got = _value_and_grads(fn(impl), args, cts)
       errs = [rel_err(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref))]
       finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(got))
       # A fixed [H] gate's gradient sums B·T terms that cancel: printed, not judged.
@@ -165,6 +207,8 @@ def _rwkv6_args(strength, b, t, h, kd, vd, dtype, seed=0):
 
 
 def _rwkv6(impl):
+  if impl.startswith("pallas:"):
+    return _rwkv6_variant(*impl.split(":")[1:])
   return lambda r, k, v, w, u, h0: linear_attention.rwkv6(r, k, v, w, u, initial_state=h0,
                                                           impl=impl)
 
@@ -242,7 +286,7 @@ def time_rows(shapes=((8, 4096),), h=16, kd=128, vd=128, full=False, deadline=No
   every row (its per-key compile is slow), the static-block variants, and B=2 T=16384."""
   print(f"== timing (bf16, H={h}, K=V={kd}; floor at {_COPY_BYTES_PER_S / 1e12:.1f} TB/s; "
         f"fwd+bwd = grads of every input)")
-  print(f"{'row':<22}{'impl':<15}{'B':>3}{'T':>7} {'fwd ms':>8} {'f+b ms':>8} {'peak GiB':>9} "
+  print(f"{'row':<22}{'impl':<40}{'B':>3}{'T':>7} {'fwd ms':>8} {'f+b ms':>8} {'peak GiB':>9} "
         f"{'floor f':>8} {'floor fb':>8} {'TF/s f':>7} {'TF/s fb':>7}", flush=True)
   for b, t in shapes:
     fb_bytes_row = None
@@ -253,14 +297,17 @@ def time_rows(shapes=((8, 4096),), h=16, kd=128, vd=128, full=False, deadline=No
           b, t, h, kd, vd, chunk=16 if kind in ("key", "rwkv6") else 64,
           per_key=kind in ("key", "rwkv6"))
       fb_bytes_row = fb_bytes
-      impls = ("pallas", "chunked") if full or kind in ("fixed", "scalar") else ("pallas",)
+      impls = (("pallas", _SEQ, "chunked") if full or kind in ("fixed", "scalar")
+               else ("pallas",))
+      if kind in ("key", "rwkv6"):
+        impls = tuple(i for i in impls if i != _SEQ) + (_KEY_SEQ,)
       if full and kind == "scalar" and t == 4096:
         impls += _VARIANTS
       if full and kind in ("key", "rwkv6") and t == 4096:
         impls += _KEY_VARIANTS
       for impl in impls:
         if deadline is not None and time.perf_counter() > deadline:
-          print(f"{row:<22}{impl:<15}{b:>3}{t:>7} skipped: time budget spent", flush=True)
+          print(f"{row:<22}{impl:<40}{b:>3}{t:>7} skipped: time budget spent", flush=True)
           continue
         try:
           if kind == "rwkv6":
@@ -280,7 +327,7 @@ def time_rows(shapes=((8, 4096),), h=16, kd=128, vd=128, full=False, deadline=No
                  f"{fwd_flop / ms_f / 1e9:7.1f} {fb_flop / ms_fb / 1e9:7.1f}")
         except Exception as e:  # pylint: disable=broad-except
           res = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
-        print(f"{row:<22}{impl:<15}{b:>3}{t:>7} {res}", flush=True)
+        print(f"{row:<22}{impl:<40}{b:>3}{t:>7} {res}", flush=True)
       if t == 4096 and kind != "rwkv6" and full:
         time_fla(kind, b, t, h, kd, vd)
 
@@ -300,7 +347,7 @@ def main(argv=None):
   else:
     check_correctness(b=1, t=500)
   time_rows(shapes=((8, 4096), (2, 16384)) if full else ((8, 4096),), full=full,
-            deadline=None if full else t0 + 80.0)
+            deadline=None if full else t0 + 150.0)
   print(f"total {time.perf_counter() - t0:.0f} s", flush=True)
 
 

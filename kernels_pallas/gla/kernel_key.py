@@ -61,7 +61,82 @@ def _walk(g_ref, k_ref, base, c, visit):
   return r + g_ref[pl.ds(base, 1), :], te
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, h0_ref, o_ref, s_ref, *st_ref, scale, c, n_chunks):
+def _split3(x):
+  """float32 x as three bfloat16 parts x ≈ hi + mid + lo (to ~2^-24 |x|), for exact-ish
+  float32 sums on the bf16 tensor cores."""
+  hi = x.astype(jnp.bfloat16)
+  r1 = x - hi.astype(_F32)
+  mid = r1.astype(jnp.bfloat16)
+  return hi, mid, (r1 - mid.astype(_F32)).astype(jnp.bfloat16)
+
+
+def _tail_sums(g, cs):
+  """[cs, K] -> row s: g_{s+1} + .. + g_{cs-1} per key, each a direct sum of its own gates
+  (never a difference of cumsums), as a 0/1 triangle times g split in three bf16 parts."""
+  idx = jnp.arange(cs)
+  up = (idx[None, :] > idx[:, None]).astype(jnp.bfloat16)                # [s, r]: r > s
+  tail = jnp.zeros(g.shape, _F32)
+  for part in _split3(g):
+    tail = tail + _dot(up, part, 1, 0, None)
+  return tail
+
+
+def _states_kernel(k_ref, v_ref, g_ref, h0_ref, st_ref, s_ref, *, cs, n_chunks):
+  """"two_pass" forward, pass 1: the state entering every super-chunk of cs tokens, and the
+  final state. Per-key decays, the same for gla and rwkv6: S <- e^Γ ⊙ S + (k ⊙ e^tail)ᵀ v."""
+  cdt = v_ref.dtype
+  prec = _precision(cdt)
+  kd = k_ref.shape[-1]
+
+  def body(n, s):
+    rows = pl.ds(n * cs, cs)
+    st_ref[pl.ds(n * kd, kd), :] = s.astype(st_ref.dtype)
+    g = g_ref[rows, :]                                                    # [cs, K] float32
+    k_out = (k_ref[rows, :].astype(_F32) * jnp.exp(_tail_sums(g, cs))).astype(cdt)
+    return jnp.exp(jnp.sum(g, axis=0))[:, None] * s + _dot(k_out, v_ref[rows, :], 0, 0, prec)
+
+  s_ref[...] = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(_F32))
+
+
+def super_chunk_states(k, v, g, h0, *, blocks, interpret, name):
+  """Pass 1 of the "two_pass" forward: (states entering each super-chunk `[B, H, Ns·K, V]` in
+  v's dtype, final state `[B, H, K, V]` float32). k `[B, T, G, K]` (G divides H), g
+  `[B, T, H, K]`."""
+  b, t, h, kd = g.shape
+  vd = v.shape[3]
+  bv = blocks.block_v
+  cs = blocks.super_chunk
+  r = h // k.shape[2]
+  keys = pl.BlockSpec((None, t, None, kd), lambda i, j, l: (i, 0, j // r, 0))
+  rows = pl.BlockSpec((None, t, None, kd), lambda i, j, l: (i, 0, j, 0))
+  vv = pl.BlockSpec((None, t, None, bv), lambda i, j, l: (i, 0, j, l))
+  state = pl.BlockSpec((None, None, kd, bv), lambda i, j, l: (i, j, 0, l))
+  states = pl.BlockSpec((None, None, (t // cs) * kd, bv), lambda i, j, l: (i, j, 0, l))
+  return _call(functools.partial(_states_kernel, cs=cs, n_chunks=t // cs), (b, h, vd // bv),
+               [keys, vv, rows, state], [states, state],
+               [jax.ShapeDtypeStruct((b, h, (t // cs) * kd, vd), v.dtype),
+                jax.ShapeDtypeStruct((b, h, kd, vd), _F32)], blocks, interpret, name)(k, v, g, h0)
+
+
+def super_chunk_specs(t, h, hk, kd, blocks):
+  """Pass 2 BlockSpecs over the grid (b, h, super-chunk n, V block l): q/k rows (q/k head
+  j // (H/G)), per-value-head rows (gates), V rows, the entering state, the sub-chunk states."""
+  r = h // hk
+  bv, cs = blocks.block_v, blocks.super_chunk
+  qk = pl.BlockSpec((None, cs, None, kd), lambda i, j, n, l: (i, n, j // r, 0))
+  rows = pl.BlockSpec((None, cs, None, kd), lambda i, j, n, l: (i, n, j, 0))
+  vv = pl.BlockSpec((None, cs, None, bv), lambda i, j, n, l: (i, n, j, l))
+  h0 = pl.BlockSpec((None, None, kd, bv), lambda i, j, n, l: (i, j, n, l))
+  sub = pl.BlockSpec((None, None, (cs // blocks.chunk) * kd, bv), lambda i, j, n, l: (i, j, n, l))
+  return qk, rows, vv, h0, sub
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, h0_ref, o_ref, *refs, scale, c, n_chunks,
+                write_final=True):
+  if write_final:
+    s_ref, *st_ref = refs
+  else:
+    s_ref, st_ref = None, list(refs)
   cdt = v_ref.dtype
   prec = _precision(cdt)
   kd = k_ref.shape[-1]
@@ -90,7 +165,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, h0_ref, o_ref, s_ref, *st_ref, scale
     k_out = (k_ref[rows, :].astype(_F32) * te).astype(cdt)
     return jnp.exp(gam)[:, None] * s_in + _dot(k_out, v, 0, 0, prec)
 
-  s_ref[...] = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(_F32))
+  s = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(_F32))
+  if s_ref is not None:
+    s_ref[...] = s
 
 
 def _bwd_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, st_ref, ds_ref,
@@ -165,6 +242,9 @@ def forward(q, k, v, g, h0, *, scale, blocks, interpret, states_dtype=None):
   b, t, hk, kd = q.shape
   h, vd = v.shape[2], v.shape[3]
   c = blocks.chunk
+  if blocks.forward == "two_pass":
+    return _forward_two_pass(q, k, v, g, h0, scale=scale, blocks=blocks, interpret=interpret,
+                             states_dtype=states_dtype)
   qk, gate, vv, state, states, _ = _specs(t, h, hk, kd, blocks)
   outs, shapes = [vv, state], [jax.ShapeDtypeStruct(v.shape, v.dtype),
                                jax.ShapeDtypeStruct((b, h, kd, vd), _F32)]
@@ -174,6 +254,25 @@ def forward(q, k, v, g, h0, *, scale, blocks, interpret, states_dtype=None):
   kern = functools.partial(_fwd_kernel, scale=scale, c=c, n_chunks=t // c)
   return _call(kern, (b, h, vd // blocks.block_v), [qk, qk, vv, gate, state], outs, shapes,
                blocks, interpret, "gla_key_fwd")(q, k, v, g, h0)
+
+
+def _forward_two_pass(q, k, v, g, h0, *, scale, blocks, interpret, states_dtype):
+  """Pass 1 (`super_chunk_states`), then one program per (b, h, super-chunk, V block) walking
+  its cs / C chunks from the entering state (the "seq" body with the final state left out)."""
+  b, t, hk, kd = q.shape
+  h, vd = v.shape[2], v.shape[3]
+  c, cs, bv = blocks.chunk, blocks.super_chunk, blocks.block_v
+  h_in, s_fin = super_chunk_states(k, v, g, h0, blocks=blocks, interpret=interpret,
+                                   name="gla_key_fwd_states")
+  qk, rows, vv, h0s, sub = super_chunk_specs(t, h, hk, kd, blocks)
+  outs, shapes = [vv], [jax.ShapeDtypeStruct(v.shape, v.dtype)]
+  if states_dtype is not None:
+    outs.append(sub)
+    shapes.append(jax.ShapeDtypeStruct((b, h, (t // c) * kd, vd), states_dtype))
+  kern = functools.partial(_fwd_kernel, scale=scale, c=c, n_chunks=cs // c, write_final=False)
+  res = _call(kern, (b, h, t // cs, vd // bv), [qk, qk, vv, rows, h0s], outs, shapes,
+              blocks, interpret, "gla_key_fwd_chunks")(q, k, v, g, h_in)
+  return (res[0], s_fin) + tuple(res[1:])
 
 
 def backward(q, k, v, g, states, do, ds, *, scale, blocks, interpret):

@@ -20,6 +20,7 @@ class _Config:
   scale: float
   blocks: kernel.Blocks
   interpret: bool
+  t_valid: int = 0     # the unpadded length (a fixed gate's padded tokens are zeroed from it)
 
 
 def _pow2_at_least(n, floor=16):
@@ -35,20 +36,26 @@ def default_interpret() -> bool:
 
 
 def gla(q, k, v, g, h0, *, scale, chunk_size=None, block_v=64, num_warps=4, num_stages=2,
+        backward="two_pass", chunk_warps=8, forward="two_pass", super_chunk=None,
         interpret=None):
   """gla through the chunkwise kernels (kernel.py; kernel_key.py for per-key gates).
 
   Args:
     q, k: `[B, T, G, K]` (G divides H).
     v: `[B, T, H, V]`.
-    g: None or clamped float32 natural-log gates `[B, T, H]` (a fixed `[H]` gate broadcast by
-      the caller) or `[B, T, H, K]` (per key).
+    g: None or clamped float32 natural-log gates: `[H]` (fixed per head: it stays `[H]` up
+      to the kernels, kernel.py says why), `[B, T, H]` or `[B, T, H, K]` (per key).
     h0: float32 `[B, H, K, V]`.
     scale: output scale (a Python float).
     chunk_size: tokens per chunk, a power of two >= 16 (shorter sequences use a smaller one);
       None: 64, or 16 for per-key gates (their intra-chunk work grows with the chunk).
     block_v: value columns per program, a power of two >= 16.
     num_warps, num_stages: Triton launch parameters.
+    backward: the scalar/fixed/no-gate backward scheme, "two_pass" or "seq" (kernel.py).
+    chunk_warps: num_warps of the two-pass backward's per-chunk kernel.
+    forward: the forward scheme, "two_pass" or "seq" (kernel.py, kernel_key.py).
+    super_chunk: tokens per super-chunk of the "two_pass" forward (a power of two; at least
+      the chunk); None: 64 for per-key gates (4 chunks of 16), else 256 (4 chunks of 64).
     interpret: None picks `default_interpret()`.
 
   Returns:
@@ -62,14 +69,21 @@ def gla(q, k, v, g, h0, *, scale, chunk_size=None, block_v=64, num_warps=4, num_
   if h % hk:
     raise ValueError(f"gla pallas: {q.shape=} heads must divide {v.shape=} heads.")
   per_key = g is not None and g.ndim == 4
-  if g is not None and g.shape not in ((b, t, h), (b, t, h, kd)):
-    raise ValueError(f"gla pallas: g must be None, [B, T, H] = {(b, t, h)} or [B, T, H, K] = "
-                     f"{(b, t, h, kd)}; got {g.shape=}.")
+  if g is not None and g.shape not in ((h,), (b, t, h), (b, t, h, kd)):
+    raise ValueError(f"gla pallas: g must be None, [H] = {(h,)}, [B, T, H] = {(b, t, h)} or "
+                     f"[B, T, H, K] = {(b, t, h, kd)}; got {g.shape=}.")
+  if backward not in kernel.BACKWARDS:
+    raise ValueError(f"gla pallas: backward={backward!r}; expected one of {kernel.BACKWARDS}.")
+  if forward not in kernel.BACKWARDS:
+    raise ValueError(f"gla pallas: forward={forward!r}; expected one of {kernel.BACKWARDS}.")
   if chunk_size is None:
     chunk_size = 16 if per_key else 64
+  if super_chunk is None:
+    super_chunk = 64 if per_key else 256
   if h0.shape != (b, h, kd, vd):
     raise ValueError(f"gla pallas: {h0.shape=} must be [B, H, K, V] = {(b, h, kd, vd)}.")
-  for name, val in (("chunk_size", chunk_size), ("block_v", block_v)):
+  for name, val in (("chunk_size", chunk_size), ("block_v", block_v),
+                    ("super_chunk", super_chunk)):
     if val < 16 or val & (val - 1):
       raise ValueError(f"gla pallas: {name}={val} must be a power of two >= 16 (Triton dots "
                        f"need dims >= 16); e.g. 64.")
@@ -79,8 +93,11 @@ def gla(q, k, v, g, h0, *, scale, chunk_size=None, block_v=64, num_warps=4, num_
   kp = _pow2_at_least(kd)
   bv = min(block_v, _pow2_at_least(vd))
   vp = -(-vd // bv) * bv
-  tp = -(-t // c) * c
-  cfg = _Config(float(scale), kernel.Blocks(c, bv, num_warps, num_stages), bool(interpret))
+  cs = super_chunk_size(c, super_chunk, t, forward == "two_pass")
+  tp = -(-t // cs) * cs
+  cfg = _Config(float(scale),
+                kernel.Blocks(c, bv, num_warps, num_stages, backward, chunk_warps, forward, cs),
+                bool(interpret), t)
 
   cdt = jnp.result_type(q.dtype, k.dtype, v.dtype)
   # Zero padding is neutral: padded keys/values write nothing, padded queries read nothing,
@@ -95,40 +112,63 @@ def gla(q, k, v, g, h0, *, scale, chunk_size=None, block_v=64, num_warps=4, num_
     o, s = _core_key(qp, kpd, vpd, gp, h0p, cfg)
     return o[:, :t, :, :vd].astype(v.dtype), s[:, :, :kd, :vd]
   gp = None
-  if g is not None:
+  if g is not None and g.ndim == 1:
+    gp = g.astype(_F32)                                                       # [h]
+  elif g is not None:
     gp = pad(jnp.swapaxes(g.astype(_F32), 1, 2), ((0, 0), (0, 0), (0, tp - t)))  # [b, h, tp]
   o, s = _core(qp, kpd, vpd, gp, h0p, cfg)
   return o[:, :t, :, :vd].astype(v.dtype), s[:, :, :kd, :vd]
 
 
-def _local_cumsum(g, c):
-  """[B, H, T] -> inclusive cumsums restarting at every chunk of c tokens."""
-  b, h, t = g.shape
-  return jnp.cumsum(g.reshape(b, h, t // c, c), axis=-1).reshape(b, h, t)
+def super_chunk_size(c, super_chunk, t, used):
+  """Tokens per super-chunk (T is padded to it): c when unused, else super_chunk clipped to
+  the padded sequence, never below c."""
+  return max(c, min(super_chunk, _pow2_at_least(t))) if used else c
+
+
+def _kernel_gate(g, cfg):
+  """None | [H] -> [H, C] (one chunk of a fixed gate) | [B, H, T] as is."""
+  if g is not None and g.ndim == 1:
+    return jnp.broadcast_to(g[:, None], (g.shape[0], cfg.blocks.chunk))      # [h, c]
+  return g
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _core(q, k, v, g, h0, cfg):
-  return _fwd(q, k, v, g, h0, cfg)[0]
+  return kernel.forward(q, k, v, _kernel_gate(g, cfg), h0, scale=cfg.scale, blocks=cfg.blocks,
+                        interpret=cfg.interpret, t_valid=cfg.t_valid)
 
 
 def _fwd(q, k, v, g, h0, cfg):
-  gl = None if g is None else _local_cumsum(g, cfg.blocks.chunk)
-  o, s = kernel.forward(q, k, v, gl, h0, scale=cfg.scale, blocks=cfg.blocks,
-                        interpret=cfg.interpret)
-  return (o, s), (q, k, v, g, gl, h0, s)
+  if cfg.blocks.backward == "two_pass":
+    # The states entering each chunk go to the backward, in the inputs' dtype (they only feed
+    # products in that dtype there; float32 for float32 inputs).
+    o, s, states = kernel.forward(q, k, v, _kernel_gate(g, cfg), h0, scale=cfg.scale,
+                                  blocks=cfg.blocks, interpret=cfg.interpret,
+                                  t_valid=cfg.t_valid, states_dtype=v.dtype)
+  else:
+    o, s = _core(q, k, v, g, h0, cfg)
+    states = None
+  return (o, s), (q, k, v, g, h0, states)
 
 
 def _bwd(cfg, res, cts):
-  q, k, v, g, gl, h0, s = res
+  q, k, v, g, h0, states = res
   do, ds = cts
-  dq, dk, dv, dh0, dg = kernel.backward(q, k, v, gl, g, h0, do.astype(v.dtype),
-                                        ds.astype(_F32), scale=cfg.scale, blocks=cfg.blocks,
-                                        interpret=cfg.interpret)
   b, t, hk, kd = q.shape
   h = v.shape[2]
-  group = lambda x: x.reshape(b, t, hk, h // hk, kd).sum(3)                 # [b, t, g, k]
-  return group(dq).astype(q.dtype), group(dk).astype(k.dtype), dv, dg, dh0
+  # dq, dk straight in the inputs' dtype unless heads share q/k (summed below in float32).
+  dqk_dtype = q.dtype if hk == h else _F32
+  dq, dk, dv, dh0, dg = kernel.backward(q, k, v, _kernel_gate(g, cfg), h0, do.astype(v.dtype),
+                                        ds.astype(_F32), scale=cfg.scale, blocks=cfg.blocks,
+                                        interpret=cfg.interpret, t_valid=cfg.t_valid,
+                                        states=states, dqk_dtype=dqk_dtype)
+  if g is not None and g.ndim == 1:
+    dg = dg[:, :, :cfg.t_valid].sum((0, 2))                                   # [h]
+  if hk != h:
+    group = lambda x: x.reshape(b, t, hk, h // hk, kd).astype(_F32).sum(3)  # [b, t, g, k]
+    dq, dk = group(dq), group(dk)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv, dg, dh0
 
 
 _core.defvjp(_fwd, _bwd)

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from kernels_pallas.gla import kernel_key
 from kernels_pallas.gla.kernel import _F32, _call, _dot, _precision
 
 _HI = lax.Precision.HIGHEST
@@ -61,8 +62,12 @@ def _walk(w_ref, k_ref, base, c, visit):
   return g_read, te, gam
 
 
-def _fwd_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, h0_ref, o_ref, s_ref, *st_ref, scale, c,
-                n_chunks):
+def _fwd_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, h0_ref, o_ref, *refs, scale, c, n_chunks,
+                write_final=True):
+  if write_final:
+    s_ref, *st_ref = refs
+  else:
+    s_ref, st_ref = None, list(refs)
   cdt = v_ref.dtype
   prec = _precision(cdt)
   kd = k_ref.shape[-1]
@@ -90,7 +95,9 @@ def _fwd_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, h0_ref, o_ref, s_ref, *st_ref
     o_ref[rows, :] = (scale * o).astype(o_ref.dtype)
     return jnp.exp(gam)[:, None] * s_in + _dot((kf * te).astype(cdt), v, 0, 0, prec)
 
-  s_ref[...] = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(_F32))
+  s = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(_F32))
+  if s_ref is not None:
+    s_ref[...] = s
 
 
 def _bwd_kernel(r_ref, k_ref, v_ref, do_ref, w_ref, u_ref, st_ref, ds_ref,
@@ -171,6 +178,22 @@ def forward(r, k, v, w, u, h0, *, scale, blocks, interpret, states_dtype=None):
   b, t, h, kd = r.shape
   vd = v.shape[3]
   c = blocks.chunk
+  if blocks.forward == "two_pass":
+    # The state recurrence is gla's per-key one: pass 1 is shared; pass 2 walks each
+    # super-chunk's chunks from its entering state with this body.
+    h_in, s_fin = kernel_key.super_chunk_states(k, v, w, h0, blocks=blocks,
+                                                interpret=interpret, name="rwkv6_fwd_states")
+    _, rows, vs, h0s, sub = kernel_key.super_chunk_specs(t, h, h, kd, blocks)
+    uu = pl.BlockSpec((None, kd), lambda i, j, n, l: (j, 0))
+    outs, shapes = [vs], [jax.ShapeDtypeStruct(v.shape, v.dtype)]
+    if states_dtype is not None:
+      outs.append(sub)
+      shapes.append(jax.ShapeDtypeStruct((b, h, (t // c) * kd, vd), states_dtype))
+    cs = blocks.super_chunk
+    kern = functools.partial(_fwd_kernel, scale=scale, c=c, n_chunks=cs // c, write_final=False)
+    res = _call(kern, (b, h, t // cs, vd // blocks.block_v), [rows, rows, vs, rows, uu, h0s],
+                outs, shapes, blocks, interpret, "rwkv6_fwd_chunks")(r, k, v, w, u, h_in)
+    return (res[0], s_fin) + tuple(res[1:])
   rk, vv, uu, state, states, _, _ = _specs(t, kd, blocks)
   outs = [vv, state]
   shapes = [jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((b, h, kd, vd), _F32)]

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas.gla import kernel as gla_kernel
-from kernels_pallas.gla.ops import _pow2_at_least, default_interpret
+from kernels_pallas.gla.ops import _pow2_at_least, default_interpret, super_chunk_size
 from kernels_pallas.rwkv6 import kernel
 
 _F32 = jnp.float32
@@ -24,7 +24,7 @@ class _Config:
 
 
 def rwkv6(r, k, v, w, u, h0, *, scale, chunk_size=16, block_v=64, num_warps=4, num_stages=2,
-          interpret=None):
+          forward="two_pass", super_chunk=64, interpret=None):
   """rwkv6 through the chunkwise kernels.
 
   Args:
@@ -36,6 +36,9 @@ def rwkv6(r, k, v, w, u, h0, *, scale, chunk_size=16, block_v=64, num_warps=4, n
     chunk_size: tokens per chunk, a power of two >= 16.
     block_v: value columns per program, a power of two >= 16.
     num_warps, num_stages: Triton launch parameters.
+    forward: "two_pass" (states per super-chunk, then super-chunks in parallel) or "seq" (one
+      serial program per head and V block); kernels_pallas/gla/kernel_key.py.
+    super_chunk: tokens per super-chunk of the "two_pass" forward (a power of two).
     interpret: None picks `default_interpret()` (compiled on GPU only).
 
   Returns:
@@ -49,7 +52,11 @@ def rwkv6(r, k, v, w, u, h0, *, scale, chunk_size=16, block_v=64, num_warps=4, n
   if u.shape != (h, kd) or h0.shape != (b, h, kd, vd):
     raise ValueError(f"rwkv6 pallas: u must be [H, K] = {(h, kd)} and h0 [B, H, K, V] = "
                      f"{(b, h, kd, vd)}; got {u.shape=}, {h0.shape=}.")
-  for name, val in (("chunk_size", chunk_size), ("block_v", block_v)):
+  if forward not in gla_kernel.BACKWARDS:
+    raise ValueError(f"rwkv6 pallas: forward={forward!r}; expected one of "
+                     f"{gla_kernel.BACKWARDS}.")
+  for name, val in (("chunk_size", chunk_size), ("block_v", block_v),
+                    ("super_chunk", super_chunk)):
     if val < 16 or val & (val - 1):
       raise ValueError(f"rwkv6 pallas: {name}={val} must be a power of two >= 16 (Triton dots "
                        f"need dims >= 16); e.g. 16.")
@@ -59,8 +66,10 @@ def rwkv6(r, k, v, w, u, h0, *, scale, chunk_size=16, block_v=64, num_warps=4, n
   kp = _pow2_at_least(kd)
   bv = min(block_v, _pow2_at_least(vd))
   vp = -(-vd // bv) * bv
-  tp = -(-t // c) * c
-  cfg = _Config(float(scale), gla_kernel.Blocks(c, bv, num_warps, num_stages), bool(interpret))
+  cs = super_chunk_size(c, super_chunk, t, forward == "two_pass")
+  tp = -(-t // cs) * cs
+  cfg = _Config(float(scale), gla_kernel.Blocks(c, bv, num_warps, num_stages, forward=forward,
+                                                super_chunk=cs), bool(interpret))
   cdt = jnp.result_type(r.dtype, k.dtype, v.dtype)
   # Zero padding is neutral (no reads, no writes, no decay, zero state rows/columns).
   pad = lambda x, widths: jnp.pad(x, widths) if any(wd for _, wd in widths) else x

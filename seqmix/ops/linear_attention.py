@@ -94,6 +94,10 @@ def gla(q, k, v, g=None, *, scale=None, initial_state=None, chunk_size: int = 64
   h0 = _initial_state("gla", initial_state, b, h, kd, v.shape[3])
   if scale is None:
     scale = kd ** -0.5
+  if impl == "pallas" and g is not None and jnp.shape(g) == (h,):
+    # A fixed gate stays [H] down to the kernels (kernels_pallas/gla/kernel.py says why).
+    return _pallas(q, k, v, _chunk.clamp_log_gate(jnp.asarray(g).astype(_F32)), h0, scale,
+                   chunk_size)
   g = _gla_gate(g, b, t, h, kd)
   if impl == "reference":
     return _reference(q, k, v, g, h0, scale, bonus=None)
@@ -148,9 +152,9 @@ def rwkv6(r, k, v, w, u, *, scale=1.0, initial_state=None, chunk_size: int = 64,
 
 
 def _pallas(q, k, v, g, h0, scale, chunk_size):
-  """gla through kernels_pallas/gla; g None | [1, T, H] | [B, T, H] | [B, T, H, K] (clamped)."""
+  """gla through kernels_pallas/gla; g None | [H] | [B, T, H] | [B, T, H, K] (clamped)."""
   from kernels_pallas.gla import ops as gla_pallas   # kernels load only when asked for
-  if g is not None:
+  if g is not None and g.ndim > 1:
     g = jnp.broadcast_to(g, (q.shape[0],) + g.shape[1:])                # [b, t, h(, k)]
   # The chunk_size argument tunes the chunked form; the kernels pick their own (64 tokens for
   # scalar gates, 16 for per-key gates: kernels_pallas/gla/NOTES.md).

@@ -52,16 +52,19 @@ def _inputs(kind, strength, t, k_dim, groups, dtype, with_h0, seed=0):
   return (q, k, v, g, h0), cts
 
 
-def _pallas_fn(interpret):
-  """gla through the kernels with an explicit interpret flag (seqmix.ops picks it by backend)."""
+def _pallas_fn(interpret, **options):
+  """gla through the kernels with an explicit interpret flag (seqmix.ops picks it by backend);
+  a fixed gate stays [H], as seqmix.ops passes it."""
   def f(q, k, v, g, h0):
     b, t, _, kd = q.shape
     h, vd = v.shape[2], v.shape[3]
     if g is not None:
-      g = jnp.broadcast_to(_chunk.clamp_log_gate(g.astype(jnp.float32)), (b, t, h) + g.shape[3:])
+      g = _chunk.clamp_log_gate(g.astype(jnp.float32))
+      if g.ndim > 1:
+        g = jnp.broadcast_to(g, (b, t, h) + g.shape[3:])
     if h0 is None:
       h0 = jnp.zeros((b, h, kd, vd), jnp.float32)
-    return gla_pallas.gla(q, k, v, g, h0, scale=kd ** -0.5, interpret=interpret)
+    return gla_pallas.gla(q, k, v, g, h0, scale=kd ** -0.5, interpret=interpret, **options)
   return f
 
 
@@ -119,6 +122,10 @@ _GRID = [c for c in itertools.product(("none", "fixed", "scalar", "key"), ("weak
                                       (False, True), (1, 2))
          if not (c[0] == "none" and c[1] == "strong")]
 _AXES = "kind,strength,t,k_dim,dtype,with_h0,groups"
+# The first ("seq") backward of the scalar/fixed/no-gate kernels, kept for side-by-side timing;
+# the default ("two_pass") runs in every case above.
+_SEQ_SAMPLE = [("scalar", "strong", 100, 60, jnp.float32, True, 2)]
+_SEQ_GRID = [c for c in _GRID if c[0] != "key"]
 
 
 class TestGlaPallas:
@@ -143,17 +150,37 @@ class TestGlaPallas:
                   "in interpret mode")
     _check(_pallas_fn(self.INTERPRET), kind, strength, t, k_dim, dtype, with_h0, groups)
 
-  @pytest.mark.parametrize("kind,chunk", [pytest.param("scalar", 16, marks=pytest.mark.slow),
-                                          ("key", 32)])
-  def test_chunk_and_block_sizes(self, kind, chunk):
+  @pytest.mark.parametrize(_AXES, _SEQ_SAMPLE)
+  def test_seq_backward_matches_reference(self, kind, strength, t, k_dim, dtype, with_h0,
+                                          groups):
+    _check(_pallas_fn(self.INTERPRET, backward="seq"), kind, strength, t, k_dim, dtype,
+           with_h0, groups)
+
+  @pytest.mark.slow
+  @pytest.mark.parametrize(_AXES, _SEQ_GRID)
+  def test_seq_backward_full_grid(self, kind, strength, t, k_dim, dtype, with_h0, groups):
+    if not self.INTERPRET:
+      pytest.skip("the GPU runs the sampled grid; the full grid runs in interpret mode")
+    _check(_pallas_fn(self.INTERPRET, backward="seq"), kind, strength, t, k_dim, dtype,
+           with_h0, groups)
+
+  @pytest.mark.parametrize("kind,chunk,options", [
+      ("scalar", 16, {"super_chunk": 32}),
+      pytest.param("scalar", 16, {"forward": "seq"}, marks=pytest.mark.slow),
+      pytest.param("scalar", 16, {"backward": "seq"}, marks=pytest.mark.slow),
+      ("key", 32, {"forward": "seq"}),
+      pytest.param("key", 16, {"super_chunk": 16}, marks=pytest.mark.slow),
+      pytest.param("key", 32, {}, marks=pytest.mark.slow)])
+  def test_chunk_and_block_sizes(self, kind, chunk, options):
     """Other static blocks: V blocks of 16 with V = 60 (four programs per head, their dq, dk,
     dg parts summed), chunk 16 for the scalar gate and 32 for the per-key gate (defaults 64
-    and 16)."""
+    and 16), the first ("seq") schemes, super-chunks of two chunks (scalar: two of them) and
+    of one chunk."""
     args, cts = _inputs(kind, "strong", 40, 60, 1, jnp.float32, True)
 
     def fn(q, k, v, g, h0):
       return gla_pallas.gla(q, k, v, _chunk.clamp_log_gate(g), h0, scale=60 ** -0.5,
-                            chunk_size=chunk, block_v=16, interpret=self.INTERPRET)
+                            chunk_size=chunk, block_v=16, interpret=self.INTERPRET, **options)
     ref_out, ref_grads = _run(_reference_fn, args, cts)
     out, grads = _run(fn, args, cts)
     assert_trees_rel_close((out, grads), (ref_out, ref_grads), RTOL["float32"], kind)
@@ -171,8 +198,40 @@ def test_dispatch_runs_the_kernel():
   assert_trees_rel_close(got, want, RTOL["float32"], "gla pallas")
 
 
+def test_fixed_gate_stays_per_head():
+  """A fixed [H] gate reaches the kernels as [H] (one chunk's [H, C] row), never as a [B, H, T]
+  array or an XLA cumsum: XLA constant-folded those for seconds when the gate is a constant."""
+  (q, k, v, g, h0), cts = _inputs("fixed", "weak", 100, 16, 1, jnp.float32, True)
+
+  def loss(q, k, v, h0):
+    out = gla(q, k, v, jnp.linspace(-1.0, -0.1, H), initial_state=h0, impl="pallas")
+    return jnp.vdot(out[0], cts[0]) + jnp.vdot(out[1], cts[1])
+  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, h0)
+  eqns = []
+  def walk(jx):
+    for e in jx.eqns:
+      eqns.append(e)
+      if e.primitive.name == "pallas_call":    # the kernel bodies: not XLA's to fold
+        continue
+      for p in e.params.values():
+        for sub in (p if isinstance(p, (list, tuple)) else [p]):
+          if hasattr(sub, "eqns"):                                  # a Jaxpr
+            walk(sub)
+          elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):   # a ClosedJaxpr
+            walk(sub.jaxpr)
+  walk(jaxpr.jaxpr)
+  assert not [e for e in eqns if "cum" in e.primitive.name], "a cumsum of the gate"
+  # [B, T, H] / [B, H, T] (T or T padded); a fixed gate's one-row [H, C] may be broadcast.
+  gate_shaped = [e for e in eqns if e.primitive.name == "broadcast_in_dim"
+                 and len(e.outvars[0].aval.shape) >= 3
+                 and {100, 128} & set(e.outvars[0].aval.shape)]
+  assert not gate_shaped, f"a per-token gate array: {gate_shaped[0]}"
+
+
 @pytest.mark.parametrize("bad,match", [({"chunk_size": 48}, "power of two"),
-                                       ({"block_v": 8}, "power of two")])
+                                       ({"block_v": 8}, "power of two"),
+                                       ({"backward": "fast"}, "backward"),
+                                       ({"forward": "fast"}, "forward")])
 def test_bad_blocks_say_what_is_expected(bad, match):
   z = jnp.zeros((1, 4, 1, 16))
   with pytest.raises(ValueError, match=match):

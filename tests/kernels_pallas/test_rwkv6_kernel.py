@@ -109,9 +109,11 @@ class TestRwkv6Pallas:
     _check(_pallas_fn(self.INTERPRET), strength, t, k_dim, dtype, with_h0)
 
   @pytest.mark.slow
-  def test_chunk_and_block_sizes(self):
-    """Chunk 32 and V blocks of 16 (four programs per head: their dr, dk, dw, du parts summed)."""
-    _check(_pallas_fn(self.INTERPRET, chunk_size=32, block_v=16), "strong", 40, 60,
+  @pytest.mark.parametrize("options", [{}, {"forward": "seq"}, {"super_chunk": 32}])
+  def test_chunk_and_block_sizes(self, options):
+    """Chunk 32 and V blocks of 16 (four programs per head: their dr, dk, dw, du parts summed);
+    the first ("seq") forward; a super-chunk of one chunk."""
+    _check(_pallas_fn(self.INTERPRET, chunk_size=32, block_v=16, **options), "strong", 40, 60,
            jnp.float32, True)
 
 
