@@ -104,8 +104,8 @@ def _check(fn, kind, t, dim, dtype, with_h0, groups):
 _SAMPLE = [
     ("strong", 100, 60, jnp.float32, True, 1),
     ("strong", 63, 64, jnp.bfloat16, False, 2),
-    ("none", 63, 60, jnp.bfloat16, True, 1),
-    ("weak", 100, 64, jnp.float32, True, 2),
+    ("none", 63, 60, jnp.bfloat16, True, 2),
+    pytest.param("weak", 100, 64, jnp.float32, True, 1, marks=pytest.mark.slow),
 ]
 _GRID = list(itertools.product(("none", "weak", "strong"), (63, 100), (60, 64),
                                (jnp.float32, jnp.bfloat16), (False, True), (1, 2)))
@@ -134,8 +134,8 @@ class TestDeltaRulePallas:
                   "in interpret mode")
     _check(_pallas_fn(self.INTERPRET), kind, t, dim, dtype, with_h0, groups)
 
-  @pytest.mark.parametrize("kind,chunk,block_v", [("strong", 16, 16),
-                                                  pytest.param("none", 32, 32,
+  @pytest.mark.parametrize("kind,chunk,block_v", [("strong", 16, 32),
+                                                  pytest.param("none", 32, 16,
                                                                marks=pytest.mark.slow)])
   def test_chunk_and_block_sizes(self, kind, chunk, block_v):
     """Other static blocks: smaller chunks (several per sequence at T = 40) and V blocks of
@@ -150,10 +150,13 @@ class TestDeltaRulePallasInterpret(TestDeltaRulePallas):
 
 def test_dispatch_runs_the_kernel():
   """seqmix.ops delta_rule(impl="pallas") reaches the kernel (interpret mode on CPU) and
-  matches, gated, with grouped heads and the default scale."""
+  matches the reference (forward), gated, with the default scale."""
   (q, k, v, beta, g, h0), _ = _inputs("strong", 20, 16, 1, jnp.float32, True)
-  got = jax.jit(functools.partial(delta_rule, impl="pallas"))(q, k, v, beta, g, initial_state=h0)
-  want = delta_rule(q, k, v, beta, g, initial_state=h0, impl="reference")
+  run = lambda impl: jax.jit(functools.partial(delta_rule, impl=impl)).lower(
+      q, k, v, beta, g, initial_state=h0).compile(compiler_options=_FAST_COMPILE)(
+          q, k, v, beta, g, initial_state=h0)
+  with jax.default_matmul_precision("highest"):
+    got, want = run("pallas"), run("reference")
   assert_trees_rel_close(got, want, RTOL["float32"], "delta_rule pallas")
 
 
