@@ -25,8 +25,9 @@ CPU. Dot operands are in the inputs' dtype (bf16 on the tensor cores) with float
 accumulation; float32 inputs use IEEE products (not TF32). The triangular solve itself is float32
 elementwise work.
 
-Backward: see `backward` (kernel) below and ops.py (`backward="jax"`: the VJP of the pure-JAX
-chunked form).
+Backward: `_bwd_kernel` (its docstring has the maths) walks the chunks in reverse with dS on
+chip, reading the state entering each chunk from the forward (`save_states`) and recomputing
+the chunk's T and w; or, in ops.py, `backward="jax"`: the VJP of the pure-JAX chunked form.
 """
 
 import dataclasses
@@ -196,3 +197,130 @@ def forward(q, k, v, beta, g, h0, *, scale, blocks, interpret, save_states=False
     shapes.append(jax.ShapeDtypeStruct((b, h, (t // c) * kd, vd), _F32))
   return _call(kern, (b, h, vd // blocks.block_v), specs, outs, shapes, blocks, interpret,
                "delta_rule_fwd")(*ins)
+
+
+def _bwd_kernel(*refs, scale, c, n_chunks, has_gate):
+  """dq, dk, dbeta, dg (this V block's parts), dv and dh0, walking the chunks in reverse.
+
+  Given dO and dS' (the cotangent of the state leaving the chunk), with S the state entering
+  it (saved by the forward), R = diag(β)(v − diag(e^G) k S) so that w = T R, P = q kᵀ ⊙ D,
+  λ = e^{Γ−G}:
+
+      dw  = scale Pᵀ dO + (λ ⊙ k) dS'          dR = Tᵀ dw          M = −dR wᵀ (strictly lower)
+      dq  = scale e^G ⊙ dO Sᵀ + dP k,           dP = scale (dO wᵀ) ⊙ D
+      dk  = dPᵀ q + λ ⊙ w dS'ᵀ − β e^G ⊙ dR Sᵀ + (N + Nᵀ) k,   N = diag(β) M ⊙ D
+      dv  = β ⊙ dR,  dβ_t = (v_t − e^{G_t} k_t S)·dR_t + Σ_i M[t, i] (k kᵀ ⊙ D)[t, i]
+      dS <- e^Γ dS' + scale (e^G ⊙ q)ᵀ dO − (β e^G ⊙ k)ᵀ dR
+  (dA = −Tᵀ dT Tᵀ with dT = dw Rᵀ, and T R = w, gives M.) Gate, for r in the chunk:
+      dg_r = Σ_{t >= r > s} dseg[t, s] + Σ_{t >= r} dG_t e^{G_t} + Σ_{t < r} dλ_t λ_t
+             + e^Γ <dS', S>,      dseg = dD ⊙ D = dP ⊙ q kᵀ + N ⊙ k kᵀ,
+  every term carrying its own decay (no cancellation of large undecayed terms).
+  """
+  refs = list(refs)
+  q_ref, k_ref, v_ref, b_ref = refs[:4]
+  g_ref = refs[4] if has_gate else None
+  rest = refs[5:] if has_gate else refs[4:]
+  st_ref, do_ref, ds_ref, dq_ref, dk_ref, dv_ref, db_ref = rest[:7]
+  dg_ref, dh0_ref = (rest[7], rest[8]) if has_gate else (None, rest[7])
+  cdt = v_ref.dtype
+  prec = _precision(cdt)
+  kd = k_ref.shape[-1]
+  idx = jnp.arange(c)
+  row, col = idx[:, None], idx[None, :]
+  strict = row > col
+
+  def body(i, ds):
+    n = n_chunks - 1 - i
+    rows = pl.ds(n * c, c)
+    q, k, v, do = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
+    beta = b_ref[rows]                                                 # [c] float32
+    s = st_ref[pl.ds(n * kd, kd), :]                                   # [K, Vb] float32
+    d, gcum, gam, to_end = _gates(g_ref, n, c)
+    kk = _dot(k, k, 1, 1, prec)                                        # [c, c]
+    tt = _unit_lower_inverse(jnp.where(strict, beta[:, None] * kk * d, 0.0), c)
+    tt_c, s_c, ds_c = tt.astype(cdt), s.astype(cdt), ds.astype(cdt)
+    ks = _dot(k, s_c, 1, 0, prec)                                      # k S  [c, Vb]
+    if gcum is None:
+      start, q_in, k_out, lam, ds_kept = None, q, k, None, ds
+      pred = v.astype(_F32) - ks                                       # R / β
+    else:
+      start = jnp.exp(gcum)                                            # e^G  [c]
+      lam = jnp.exp(to_end)                                            # e^{Γ-G}  [c]
+      q_in = (q.astype(_F32) * start[:, None]).astype(cdt)
+      k_out = (k.astype(_F32) * lam[:, None]).astype(cdt)
+      ds_kept = jnp.exp(gam) * ds
+      pred = v.astype(_F32) - start[:, None] * ks
+    w = _dot(tt_c, (beta[:, None] * pred).astype(cdt), 0, 0, prec)     # T R  [c, Vb]
+    w_c = w.astype(cdt)
+    qk = _dot(q, k, 1, 1, prec)
+    p = (qk * d).astype(cdt)                                           # [t, s]
+    dw = scale * _dot(p, do, 0, 0, prec) + _dot(k_out, ds_c, 1, 0, prec)   # [c, Vb]
+    dr = _dot(tt_c, dw.astype(cdt), 1, 0, prec)                        # Tᵀ dw  [c, Vb]
+    dr_c = dr.astype(cdt)
+    m = jnp.where(strict, -_dot(dr_c, w_c, 1, 1, prec), 0.0)          # dA  [c, c]
+    nm = beta[:, None] * m * d                                         # d(k kᵀ), strictly lower
+    dp = scale * _dot(do, w_c, 1, 1, prec) * d                         # [t, s]
+    dp_c, nm_c = dp.astype(cdt), nm.astype(cdt)
+    do_s = _dot(do, s_c, 1, 1, prec)                                   # dO Sᵀ  [c, K]
+    dr_s = _dot(dr_c, s_c, 1, 1, prec)                                 # dR Sᵀ  [c, K]
+    dk_state = _dot(w_c, ds_c, 1, 1, prec)                             # w dS'ᵀ  [c, K]
+    bg = beta if start is None else beta * start                       # β e^G
+    if lam is not None:
+      dk_state = dk_state * lam[:, None]
+    q_dec = scale * do_s if start is None else scale * do_s * start[:, None]
+    dq = _dot(dp_c, k, 1, 0, prec) + q_dec
+    dk = (_dot(dp_c, q, 0, 0, prec) + dk_state - bg[:, None] * dr_s
+          + _dot(nm_c, k, 1, 0, prec) + _dot(nm_c, k, 0, 0, prec))
+    dbeta = jnp.sum(pred * dr, axis=1) + jnp.sum(m * kk * d, axis=1)
+    if has_gate:
+      dseg = dp * qk + nm * kk                                         # [t, s]
+      up = (row < col).astype(_F32)                                    # [s, r]: s < r
+      x = _dot(dseg, up, 1, 0, _HIGHEST)                               # [t, r]: sum_{s<r}
+      rect = jnp.sum(jnp.where(row >= col, x, 0.0), axis=0)            # [r]: sum_{t>=r}
+      dlog_g = (jnp.sum(q.astype(_F32) * q_dec, axis=1)               # dG_t e^{G_t}
+                - start * beta * jnp.sum(ks * dr, axis=1))
+      dlog_l = jnp.sum(k.astype(_F32) * dk_state, axis=1)              # dλ_t λ_t
+      e = jnp.exp(gam) * jnp.sum(jnp.sum(ds * s, axis=1), axis=0)
+      after = row <= col                                               # [r, t]: t >= r
+      dg_ref[rows] = (rect + jnp.sum(jnp.where(after, dlog_g[None, :], 0.0), axis=1)
+                      + jnp.sum(jnp.where(after, 0.0, dlog_l[None, :]), axis=1) + e)
+    dq_ref[rows, :] = dq
+    dk_ref[rows, :] = dk
+    dv_ref[rows, :] = (beta[:, None] * dr).astype(dv_ref.dtype)
+    db_ref[rows] = dbeta
+    bgk = (bg[:, None] * k.astype(_F32)).astype(cdt)
+    return (ds_kept + scale * _dot(q_in, do, 0, 0, prec)
+            - _dot(bgk, dr_c, 0, 0, prec))                             # [K, Vb]
+
+  dh0_ref[...] = lax.fori_loop(0, n_chunks, body, ds_ref[...].astype(_F32))
+
+
+def backward(q, k, v, beta, g, states, do, ds, *, scale, blocks, interpret):
+  """Cotangents of `forward`'s inputs given do `[B, T, H, V]` (v's dtype), ds `[B, H, K, V]`
+  float32 and the states `forward(..., save_states=True)` wrote.
+
+  Returns dq, dk per value head `[B, T, H, K]` float32 (summed over V blocks, not over the
+  heads that share a q/k head), dv `[B, T, H, V]` in v's dtype, dbeta `[B, H, T]` float32,
+  dg `[B, H, T]` float32 (None without gates) and dh0 `[B, H, K, V]` float32.
+  """
+  b, t, hk, kd = q.shape
+  h, vd = v.shape[2], v.shape[3]
+  c = blocks.chunk
+  nv = vd // blocks.block_v
+  qk, vv, tok, state, states_spec = _specs(t, h, hk, kd, blocks)
+  part = pl.BlockSpec((None, None, t, None, kd), lambda i, j, l: (l, i, 0, j, 0))
+  tpart = pl.BlockSpec((None, None, None, t), lambda i, j, l: (l, i, j, 0))
+  has_gate = g is not None
+  kern = functools.partial(_bwd_kernel, scale=scale, c=c, n_chunks=t // c, has_gate=has_gate)
+  ins = [q, k, v, beta] + ([g] if has_gate else []) + [states, do, ds]
+  specs = [qk, qk, vv, tok] + ([tok] if has_gate else []) + [states_spec, vv, state]
+  part_shape = jax.ShapeDtypeStruct((nv, b, t, h, kd), _F32)
+  tok_shape = jax.ShapeDtypeStruct((nv, b, h, t), _F32)
+  outs = [part, part, vv, tpart] + ([tpart] if has_gate else []) + [state]
+  shapes = ([part_shape, part_shape, jax.ShapeDtypeStruct(v.shape, v.dtype), tok_shape]
+            + ([tok_shape] if has_gate else []) + [jax.ShapeDtypeStruct((b, h, kd, vd), _F32)])
+  res = _call(kern, (b, h, nv), specs, outs, shapes, blocks, interpret,
+              "delta_rule_bwd")(*ins)
+  dq, dk, dv, dbeta = res[:4]
+  dg = res[4].sum(0) if has_gate else None
+  return dq.sum(0), dk.sum(0), dv, dbeta.sum(0), dg, res[-1]

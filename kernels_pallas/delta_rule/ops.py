@@ -6,7 +6,9 @@ Forward: the Pallas kernel (kernel.py). Backward, a static option:
   backward="jax"     the VJP of the pure-JAX chunked form (`seqmix.ops.delta_rule._chunked`,
                      recomputed from the saved inputs inside the custom_vjp backward): correct
                      and tested, but it runs at the chunked form's speed (no Pallas backward).
-  backward="pallas"  the Pallas backward kernel (kernel.backward), if built; see NOTES.md.
+  backward="pallas"  the Pallas backward kernel (kernel.backward): the forward also writes the
+                     float32 state entering every chunk (the one stored intermediate), the
+                     backward walks the chunks in reverse with dS on chip; see NOTES.md.
 """
 
 import contextlib
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 from kernels_pallas.delta_rule import kernel
 
 _F32 = jnp.float32
-BACKWARDS = ("jax",)
+BACKWARDS = ("jax", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,10 +127,32 @@ def _core(q, k, v, beta, g, h0, cfg):
 
 
 def _fwd(q, k, v, beta, g, h0, cfg):
-  o, s = kernel.forward(*_padded(q, k, v, beta, g, h0, cfg), scale=cfg.scale, blocks=cfg.blocks,
-                        interpret=cfg.interpret)
+  padded = _padded(q, k, v, beta, g, h0, cfg)
+  save = cfg.backward == "pallas"
+  res = kernel.forward(*padded, scale=cfg.scale, blocks=cfg.blocks, interpret=cfg.interpret,
+                       save_states=save)
+  o, s = res[0], res[1]
   out = (o[:, :cfg.t, :, :cfg.vd], s[:, :, :cfg.kd, :cfg.vd])
+  if save:
+    return out, padded[:5] + (res[2],)
   return out, (q, k, v, beta, g, h0)
+
+
+def _pallas_backward(cfg, res, cts):
+  qp, kp, vp, bp, gp, states = res
+  do, ds = cts
+  b, tp, hk, kpd = qp.shape
+  h, vpd = vp.shape[2], vp.shape[3]
+  t, kd, vd = cfg.t, cfg.kd, cfg.vd
+  dop = _pad(do.astype(vp.dtype), ((0, 0), (0, tp - t), (0, 0), (0, vpd - vd)))
+  dsp = _pad(ds.astype(_F32), ((0, 0), (0, 0), (0, kpd - kd), (0, vpd - vd)))
+  dq, dk, dv, dbeta, dg, dh0 = kernel.backward(qp, kp, vp, bp, gp, states, dop, dsp,
+                                               scale=cfg.scale, blocks=cfg.blocks,
+                                               interpret=cfg.interpret)
+  group = lambda x: x.reshape(b, tp, hk, h // hk, kpd).sum(3)[:, :t, :, :kd]  # [b, t, g, k]
+  tok = lambda x: jnp.swapaxes(x[:, :, :t], 1, 2)                            # [b, t, h]
+  return (group(dq).astype(qp.dtype), group(dk).astype(kp.dtype), dv[:, :t, :, :vd],
+          tok(dbeta), None if dg is None else tok(dg), dh0[:, :, :kd, :vd])
 
 
 def _jax_backward(cfg, res, cts):
@@ -154,6 +178,8 @@ def _jax_backward(cfg, res, cts):
 
 
 def _bwd(cfg, res, cts):
+  if cfg.backward == "pallas":
+    return _pallas_backward(cfg, res, cts)
   return _jax_backward(cfg, res, cts)
 
 
