@@ -2,7 +2,7 @@
 
 Reached only through `seqmix.ops.delta_rule.delta_rule(..., impl="pallas")`.
 
-Forward: the Pallas kernel (kernel.py). Backward, a static option:
+Forward: the Pallas kernel (kernel.py). Backward, a static option (default "pallas"):
   backward="jax"     the VJP of the pure-JAX chunked form (`seqmix.ops.delta_rule._chunked`,
                      recomputed from the saved inputs inside the custom_vjp backward): correct
                      and tested, but it runs at the chunked form's speed (no Pallas backward).
@@ -48,7 +48,7 @@ def default_interpret() -> bool:
 
 
 def delta_rule(q, k, v, beta, g, h0, *, scale, chunk_size=64, block_v=64, num_warps=4,
-               num_stages=2, backward="jax", interpret=None):
+               num_stages=2, backward="pallas", interpret=None):
   """The (gated) delta rule through the chunkwise kernel (kernel.py).
 
   Args:
@@ -62,7 +62,8 @@ def delta_rule(q, k, v, beta, g, h0, *, scale, chunk_size=64, block_v=64, num_wa
     chunk_size: tokens per chunk, a power of two >= 16 (shorter sequences use a smaller one).
     block_v: value columns per program, a power of two >= 16.
     num_warps, num_stages: Triton launch parameters.
-    backward: "jax" (the VJP of the pure-JAX chunked form) or one of `BACKWARDS`.
+    backward: "pallas" (the backward kernel) or "jax" (the VJP of the pure-JAX chunked form,
+      the fallback if the backward kernel misbehaves on a device).
     interpret: None picks `default_interpret()`.
 
   Returns:
@@ -123,7 +124,10 @@ def _padded(q, k, v, beta, g, h0, cfg):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _core(q, k, v, beta, g, h0, cfg):
-  return _fwd(q, k, v, beta, g, h0, cfg)[0]
+  # Not differentiated: the forward alone, which stores no per-chunk states.
+  o, s = kernel.forward(*_padded(q, k, v, beta, g, h0, cfg), scale=cfg.scale,
+                        blocks=cfg.blocks, interpret=cfg.interpret)
+  return o[:, :cfg.t, :, :cfg.vd], s[:, :, :cfg.kd, :cfg.vd]
 
 
 def _fwd(q, k, v, beta, g, h0, cfg):

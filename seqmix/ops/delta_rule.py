@@ -16,8 +16,9 @@ Forms (`impl`):
   pallas     `kernels_pallas/delta_rule`: the same WY/UT chunked form in Pallas, one program per
              (batch, head, V block) walking the chunks with the state on chip, the triangular
              solve done in the kernel; compiled through the Triton lowering on GPU, interpret
-             mode elsewhere. Its backward is, for now, the VJP of `chunked` (see
-             kernels_pallas/delta_rule/NOTES.md).
+             mode elsewhere. Its backward is a Pallas kernel too (the chunks in reverse,
+             dS on chip, from the chunk states the forward stores); kernels_pallas'
+             `backward="jax"` falls back to the VJP of `chunked` (see its NOTES.md).
 
 Chunked maths. Inside a chunk starting from state S_0, with G_t = g_1 + ... + g_t (inclusive,
 in-chunk) and D[t, i] = exp(G_t - G_i) for i <= t (taken from the exact pairwise `segsum`,

@@ -1,7 +1,7 @@
 """kernels_pallas/delta_rule (`delta_rule(..., impl="pallas")`) against the float32 reference
 scan: outputs, final state and the gradients of every input (q, k, v, beta, g, initial state),
 with and without the gate; awkward T and head dims, float32 and bfloat16, strong gates with
--inf resets, grouped q/k heads.
+-inf resets, grouped q/k heads; both backwards (the kernel, default, and "jax").
 
 `TestDeltaRulePallas` runs the compiled kernels (GPU only); its twin
 `TestDeltaRulePallasInterpret` runs the same bodies in interpret mode on the CPU (the default
@@ -127,12 +127,22 @@ class TestDeltaRulePallas:
     _check(_pallas_fn(self.INTERPRET), kind, t, dim, dtype, with_h0, groups)
 
   @pytest.mark.slow
+  @pytest.mark.parametrize("backward", ["pallas", "jax"])
   @pytest.mark.parametrize(_AXES, _GRID)
-  def test_pallas_matches_reference_full_grid(self, kind, t, dim, dtype, with_h0, groups):
+  def test_pallas_matches_reference_full_grid(self, kind, t, dim, dtype, with_h0, groups,
+                                              backward):
     if not self.INTERPRET:
       pytest.skip("the GPU runs the sampled grid (device time is scarce); the full grid runs "
                   "in interpret mode")
-    _check(_pallas_fn(self.INTERPRET), kind, t, dim, dtype, with_h0, groups)
+    _check(_pallas_fn(self.INTERPRET, backward=backward), kind, t, dim, dtype, with_h0, groups)
+
+  @pytest.mark.parametrize("kind,dtype", [("strong", jnp.float32),
+                                          pytest.param("none", jnp.bfloat16,
+                                                       marks=pytest.mark.slow)])
+  def test_jax_backward(self, kind, dtype):
+    """backward="jax" (the forward kernel, then the VJP of the chunked form): the fallback."""
+    _check(_pallas_fn(self.INTERPRET, backward="jax", chunk_size=16), kind, 40, 16, dtype,
+           True, 2)
 
   @pytest.mark.parametrize("kind,chunk,block_v", [("strong", 16, 32),
                                                   pytest.param("none", 32, 16,
