@@ -104,7 +104,7 @@ def _check(fn, kind, t, dim, dtype, with_h0, groups):
 _SAMPLE = [
     ("strong", 100, 60, jnp.float32, True, 1),
     ("strong", 63, 64, jnp.bfloat16, False, 2),
-    ("none", 63, 60, jnp.bfloat16, True, 2),
+    ("none", 100, 60, jnp.bfloat16, True, 2),
     pytest.param("weak", 100, 64, jnp.float32, True, 1, marks=pytest.mark.slow),
 ]
 _GRID = list(itertools.product(("none", "weak", "strong"), (63, 100), (60, 64),
@@ -144,12 +144,14 @@ class TestDeltaRulePallas:
     _check(_pallas_fn(self.INTERPRET, backward="jax", chunk_size=16), kind, 40, 16, dtype,
            True, 2)
 
-  @pytest.mark.parametrize("kind,chunk,block_v", [("strong", 16, 32),
+  @pytest.mark.parametrize("kind,chunk,block_v", [("weak", 16, 32),
                                                   pytest.param("none", 32, 16,
                                                                marks=pytest.mark.slow)])
   def test_chunk_and_block_sizes(self, kind, chunk, block_v):
     """Other static blocks: smaller chunks (several per sequence at T = 40) and V blocks of
-    16 or 32 with V = 60 (several programs per head)."""
+    16 or 32 with V = 60 (several programs per head). Weak gates: under strong ones D, e^Γ and
+    A are ~0 off the diagonal, so errors in the solve or in the decayed gradient terms hide
+    (checked: dropping the last substitution step or dg's e^Γ<dS', S> term passes there)."""
     _check(_pallas_fn(self.INTERPRET, chunk_size=chunk, block_v=block_v), kind, 40, 60,
            jnp.float32, True, 1)
 
