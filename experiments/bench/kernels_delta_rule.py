@@ -4,14 +4,17 @@
 
 Fits ~2-3 minutes:
 (1) Correctness on this backend at a medium shape (B=1, T=500, H=4 value heads over 2 q/k
-heads, K=V=128 and K=V=60, float32 and bfloat16, no gate and strong gates with -inf resets):
+heads, K=V=128 and K=V=60, float32 and bfloat16, no gate, weak gates, strong gates with -inf
+resets):
 relative errors of the output, the final state and the gradients of q, k, v, beta, g, h0
 against the float32 reference scan, PASS/FAIL against the test tolerances (float32 1e-5,
 bfloat16 1e-2), for every backward the kernel has (`ops.BACKWARDS`).
-(2) Timing at B=8 T=4096 H=16 K=V=128 bf16, with and without the gate: pallas (each backward:
-"pallas" is the forward kernel + the VJP of the chunked form when the backward is "jax") vs
-chunked, forward and forward+backward (jit, medians of 20 after warm-up), XLA's peak memory
-estimate of forward+backward, the memory-bound floor and the achieved TFLOP/s.
+(2) Timing at B=8 T=4096 H=16 K=V=128 bf16, with and without the gate: pallas with each backward
+("pallas:pallas" the backward kernel, "pallas:jax" the forward kernel + the VJP of the chunked
+form) vs chunked, and for the gated row (weak gates) static-block variants
+"pallas:pallas:<block_v>:<warps>"; forward and forward+backward (jit, medians of 20 after
+warm-up), XLA's peak memory estimate of forward+backward, the memory-bound floor and the
+achieved TFLOP/s.
 Every row catches and prints its own exception; rows past the time budget are skipped and say
 so.
 """
@@ -56,14 +59,20 @@ def _args(gate, b, t, h, hk, kd, vd, dtype, seed=0):
 
 
 def _fn(impl):
-  """"pallas:<backward>" runs the kernel through kernels_pallas directly with that backward."""
+  """"pallas:<backward>[:<block_v>:<num_warps>]" runs the kernel through kernels_pallas
+  directly with that backward (and static blocks; default 64 and 4)."""
   if impl.startswith("pallas:"):
     from kernels_pallas.delta_rule import ops  # pylint: disable=import-outside-toplevel
-    backward = impl.split(":")[1]
+    parts = impl.split(":")
+    backward = parts[1]
+    blocks = {}
+    if len(parts) == 4:
+      blocks = {"block_v": int(parts[2]), "num_warps": int(parts[3])}
 
     def fn(q, k, v, beta, g, h0):
       g = None if g is None else _chunk.clamp_log_gate(g.astype(jnp.float32))
-      return ops.delta_rule(q, k, v, beta, g, h0, scale=q.shape[-1] ** -0.5, backward=backward)
+      return ops.delta_rule(q, k, v, beta, g, h0, scale=q.shape[-1] ** -0.5, backward=backward,
+                            **blocks)
     return fn
   return lambda q, k, v, beta, g, h0: delta_op.delta_rule(q, k, v, beta, g, initial_state=h0,
                                                           impl=impl)
@@ -143,6 +152,12 @@ def _cost(b, t, h, kd, vd, chunk=64, bytes_in=2, gated=True):
   return fwd_bytes, fb_bytes, fwd_flop, 3 * fwd_flop
 
 
+# Static-block variants of the kernels (block_v:num_warps; default 64:4), gated row only, timed
+# last (the budget may skip them): more warps for the register-heavy backward, narrower V
+# blocks (more programs, less state per program), one V block (one triangular solve per head).
+_VARIANTS = ("pallas:pallas:64:8", "pallas:pallas:32:4", "pallas:pallas:128:8")
+
+
 def time_rows(b=8, t=4096, h=16, kd=128, vd=128, deadline=None):
   """Times pallas (every backward) and chunked, with and without the gate."""
   print(f"== timing (bf16, B={b} T={t} H={h}, K=V={kd}; floor at "
@@ -152,7 +167,10 @@ def time_rows(b=8, t=4096, h=16, kd=128, vd=128, deadline=None):
   for gate in (None, "weak"):
     row = "delta_rule" if gate is None else "delta_rule gated"
     fwd_bytes, fb_bytes, fwd_flop, fb_flop = _cost(b, t, h, kd, vd, gated=gate is not None)
-    for impl in tuple(f"pallas:{bw}" for bw in _backwards()) + ("chunked",):
+    impls = tuple(f"pallas:{bw}" for bw in _backwards()) + ("chunked",)
+    if gate is not None and "pallas" in _backwards():
+      impls += _VARIANTS
+    for impl in impls:
       if deadline is not None and time.perf_counter() > deadline:
         print(f"{row:<20}{impl:<15}{b:>3}{t:>7} skipped: time budget spent", flush=True)
         continue

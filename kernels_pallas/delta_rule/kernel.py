@@ -104,14 +104,13 @@ def _gates(g_ref, n, c):
   return d, gcum, gam, to_end
 
 
-def _chunk_solve(k, beta, d, gcum, c, cdt, prec):
+def _chunk_solve(k, beta, d, gcum, c, prec):
   """Tᵀ and the pieces every kernel needs: (tt [c, c] f32, bk [c] = beta ⊙ exp(G))."""
   kk = _dot(k, k, 1, 1, prec)                                          # [c, c]
   idx = jnp.arange(c)
   a = jnp.where(idx[:, None] > idx[None, :], beta[:, None] * kk * d, 0.0)
   tt = _unit_lower_inverse(a, c)
   bk = beta if gcum is None else beta * jnp.exp(gcum)
-  del cdt
   return tt, bk
 
 
@@ -133,7 +132,7 @@ def _fwd_kernel(*refs, scale, c, n_chunks, has_gate, save_states):
     q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]         # [c, K], [c, K], [c, Vb]
     beta = b_ref[rows]                                                 # [c] float32
     d, gcum, gam, to_end = _gates(g_ref, n, c)
-    tt, bk = _chunk_solve(k, beta, d, gcum, c, cdt, prec)
+    tt, bk = _chunk_solve(k, beta, d, gcum, c, prec)
     tt_c = tt.astype(cdt)
     bv = (beta[:, None] * v.astype(_F32)).astype(cdt)
     bkk = (bk[:, None] * k.astype(_F32)).astype(cdt)

@@ -169,9 +169,9 @@ def _jax_backward(cfg, res, cts):
 
   def chunked(q, k, v, beta, g, h0):
     f32 = lambda x: x.astype(_F32)
-    qh, kh = op._expand_groups(f32(q), h), op._expand_groups(f32(k), h)  # pylint: disable=protected-access
-    o, s = op._chunked(qh, kh, f32(v), beta, g, cfg.scale, h0,  # pylint: disable=protected-access
-                       chunk_size=cfg.blocks.chunk)
+    # pylint: disable=protected-access
+    qh, kh = op._expand_groups(f32(q), h), op._expand_groups(f32(k), h)
+    o, s = op._chunked(qh, kh, f32(v), beta, g, cfg.scale, h0, chunk_size=cfg.blocks.chunk)
     return o.astype(v.dtype), s
 
   ctx = (jax.default_matmul_precision("highest") if v.dtype == _F32
