@@ -162,7 +162,7 @@ def time_rows(b=8, t=4096, h=16, kd=128, vd=128, deadline=None):
   """Times pallas (every backward) and chunked, with and without the gate."""
   print(f"== timing (bf16, B={b} T={t} H={h}, K=V={kd}; floor at "
         f"{_COPY_BYTES_PER_S / 1e12:.1f} TB/s; fwd+bwd = grads of every input)")
-  print(f"{'row':<20}{'impl':<15}{'B':>3}{'T':>7} {'fwd ms':>8} {'f+b ms':>8} {'peak GiB':>9} "
+  print(f"{'row':<20}{'impl':<20}{'B':>3}{'T':>7} {'fwd ms':>8} {'f+b ms':>8} {'peak GiB':>9} "
         f"{'floor f':>8} {'floor fb':>8} {'TF/s f':>7} {'TF/s fb':>7}", flush=True)
   for gate in (None, "weak"):
     row = "delta_rule" if gate is None else "delta_rule gated"
@@ -172,7 +172,7 @@ def time_rows(b=8, t=4096, h=16, kd=128, vd=128, deadline=None):
       impls += _VARIANTS
     for impl in impls:
       if deadline is not None and time.perf_counter() > deadline:
-        print(f"{row:<20}{impl:<15}{b:>3}{t:>7} skipped: time budget spent", flush=True)
+        print(f"{row:<20}{impl:<20}{b:>3}{t:>7} skipped: time budget spent", flush=True)
         continue
       try:
         args, cts = _args(gate, b, t, h, h, kd, vd, jnp.bfloat16)
@@ -188,7 +188,7 @@ def time_rows(b=8, t=4096, h=16, kd=128, vd=128, deadline=None):
                f"{fwd_flop / ms_f / 1e9:7.1f} {fb_flop / ms_fb / 1e9:7.1f}")
       except Exception as e:  # pylint: disable=broad-except
         res = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
-      print(f"{row:<20}{impl:<15}{b:>3}{t:>7} {res}", flush=True)
+      print(f"{row:<20}{impl:<20}{b:>3}{t:>7} {res}", flush=True)
 
 
 def main(argv=None):
