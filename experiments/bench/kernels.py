@@ -6,7 +6,8 @@ Runs, each in its own subprocess with a time limit (a kernel that fails to lower
 not take the other rows with it):
   experiments.bench.kernels_scan              linear_scan, selective_scan
   experiments.bench.kernels_attention         blockwise / causal attention (cuDNN in the same run)
-  experiments.bench.kernels_linear_attention  gla (all gate forms), delta_rule, rwkv6
+  experiments.bench.kernels_linear_attention  gla (all gate forms), rwkv6
+  experiments.bench.kernels_delta_rule        delta_rule, with and without the gate
   experiments.bench.fla_anchor                fla's Triton kernels and torch SDPA (if fla is there)
 Each part checks its kernel against the op's reference on this GPU before it times anything,
 and prints its own table; with $OUT set (the device tool), each part's full log is written to
@@ -23,6 +24,7 @@ PARTS = {
     "scan": "experiments.bench.kernels_scan",
     "attention": "experiments.bench.kernels_attention",
     "linear_attention": "experiments.bench.kernels_linear_attention",
+    "delta_rule": "experiments.bench.kernels_delta_rule",
     "fla": "experiments.bench.fla_anchor",
 }
 

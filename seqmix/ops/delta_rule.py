@@ -13,7 +13,12 @@ Forms (`impl`):
              2024b): inside a chunk of C tokens, one unit lower-triangular solve turns the C
              sequential rank-one writes into matmuls; a `lax.scan` carries the state across
              chunks.
-  pallas     not built.
+  pallas     `kernels_pallas/delta_rule`: the same WY/UT chunked form in Pallas, one program per
+             (batch, head, V block) walking the chunks with the state on chip, the triangular
+             solve done in the kernel; compiled through the Triton lowering on GPU, interpret
+             mode elsewhere. Its backward is a Pallas kernel too (the chunks in reverse,
+             dS on chip, from the chunk states the forward stores); kernels_pallas'
+             `backward="jax"` falls back to the VJP of `chunked` (see its NOTES.md).
 
 Chunked maths. Inside a chunk starting from state S_0, with G_t = g_1 + ... + g_t (inclusive,
 in-chunk) and D[t, i] = exp(G_t - G_i) for i <= t (taken from the exact pairwise `segsum`,
@@ -48,7 +53,7 @@ import jax.numpy as jnp
 from seqmix.ops import _chunk
 from seqmix.ops._impl import resolve
 
-_AVAILABLE = {"reference": True, "chunked": True, "pallas": False}
+_AVAILABLE = {"reference": True, "chunked": True, "pallas": True}
 _AUTO = {"default": "chunked"}
 
 # The oracle's products run at full float32 precision on every backend (GPUs would otherwise
@@ -69,7 +74,7 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None, chunk_s
     scale: output scale; default `K ** -0.5`.
     initial_state: float32 `[B, H, K, V]` or None (zeros).
     chunk_size: tokens per chunk of the chunked form (16 to 128 are tested).
-    impl: "reference" | "chunked" | "pallas" (not built) | "auto".
+    impl: "reference" | "chunked" | "pallas" | "auto".
 
   Returns:
     (o `[B, T, H, V]` in the dtype of v, final state float32 `[B, H, K, V]`).
@@ -79,8 +84,10 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None, chunk_s
   if scale is None:
     scale = q.shape[-1] ** -0.5
   h = v.shape[2]
-  q, k = _expand_groups(q, h), _expand_groups(k, h)
   f32 = lambda x: x.astype(jnp.float32)
+  if impl == "pallas":
+    return _pallas(q, k, v, beta, g, scale, initial_state)
+  q, k = _expand_groups(q, h), _expand_groups(k, h)
   # g = None stays None (no constant zero gates: XLA would constant-fold their [.., C, C]
   # decay matrices at compile time, which takes minutes on GPU at training sizes).
   g = None if g is None else _chunk.clamp_log_gate(f32(g))
@@ -93,6 +100,20 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None, chunk_s
     o, s = _reference(*args)
   else:
     o, s = _chunked(*args, chunk_size=chunk_size)
+  return o.astype(v.dtype), s
+
+
+def _pallas(q, k, v, beta, g, scale, initial_state):
+  """delta_rule through kernels_pallas/delta_rule (q/k heads grouped inside the kernel)."""
+  from kernels_pallas.delta_rule import ops as delta_pallas  # kernels load only when asked for
+  b, _, h, dv = v.shape
+  g = None if g is None else _chunk.clamp_log_gate(g.astype(jnp.float32))
+  if initial_state is None:
+    s0 = jnp.zeros((b, h, q.shape[-1], dv), jnp.float32)
+  else:
+    s0 = initial_state.astype(jnp.float32)
+  # The chunk_size argument tunes the chunked form; the kernel picks its own (64 tokens).
+  o, s = delta_pallas.delta_rule(q, k, v, beta, g, s0, scale=float(scale))
   return o.astype(v.dtype), s
 
 

@@ -1,0 +1,1 @@
+"""Pallas kernels for `seqmix.ops.delta_rule.delta_rule` (reached only through seqmix.ops)."""
