@@ -206,11 +206,16 @@ def delta_rule(q, k, v, beta, g=None, *, mesh, scale=None, initial_state=None, c
 
 
 def selective_scan_shard(u, delta, A, B, C, D=None, *, delta_bias=None, delta_softplus=False,
-                         initial_state=None, chunk_size=64, impl="auto", axis_name="sequence"):
-  """Sequence-parallel `selective_scan` on local shards (inside shard_map over `axis_name`)."""
+                         initial_state=None, reset=None, chunk_size=64, impl="auto",
+                         axis_name="sequence"):
+  """Sequence-parallel `selective_scan` on local shards (inside shard_map over `axis_name`).
+
+  reset [B, Tl] local: all three passes see it, so a reset zeroes the shard's transition from
+  that token on and the correction after it, as in the single-device op.
+  """
   b, _, d = u.shape
-  kw = dict(delta_bias=delta_bias, delta_softplus=delta_softplus, chunk_size=chunk_size,
-            impl=impl)
+  kw = dict(delta_bias=delta_bias, delta_softplus=delta_softplus, reset=reset,
+            chunk_size=chunk_size, impl=impl)
   y_loc, s_loc = _ssm.selective_scan(u, delta, A, B, C, D, **kw)
   shape = (b, d, A.shape[1])
   s0 = jnp.zeros(shape, _F32) if initial_state is None else initial_state.astype(_F32)
@@ -224,17 +229,17 @@ def selective_scan_shard(u, delta, A, B, C, D=None, *, delta_bias=None, delta_so
 
 
 def selective_scan(u, delta, A, B, C, D=None, *, mesh, delta_bias=None, delta_softplus=False,
-                   initial_state=None, chunk_size=64, impl="auto", axis_name="sequence",
-                   batch_axes=None):
+                   initial_state=None, reset=None, chunk_size=64, impl="auto",
+                   axis_name="sequence", batch_axes=None):
   """`seqmix.ops.ssm.selective_scan` with time sharded over `axis_name` of `mesh`."""
   n = _shard.check_axis(mesh, axis_name, "sequence-parallel selective_scan")
   _check_len("selective_scan", u.shape[1], n, axis_name)
   seq, rep, st = P(batch_axes, axis_name), P(), P(batch_axes)
-  fn = lambda u, delta, A, B, C, D, bias, h0: selective_scan_shard(
+  fn = lambda u, delta, A, B, C, D, bias, h0, reset: selective_scan_shard(
       u, delta, A, B, C, D, delta_bias=bias, delta_softplus=delta_softplus, initial_state=h0,
-      chunk_size=chunk_size, impl=impl, axis_name=axis_name)
-  return _shard.smap(fn, mesh, (u, delta, A, B, C, D, delta_bias, initial_state),
-                     (seq, seq, rep, seq, seq, rep, rep, st), (seq, st))
+      reset=reset, chunk_size=chunk_size, impl=impl, axis_name=axis_name)
+  return _shard.smap(fn, mesh, (u, delta, A, B, C, D, delta_bias, initial_state, reset),
+                     (seq, seq, rep, seq, seq, rep, rep, st, seq), (seq, st))
 
 
 def causal_conv_shard(u, k, *, initial_state=None, impl="auto", axis_name="sequence"):

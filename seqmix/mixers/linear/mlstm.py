@@ -31,8 +31,8 @@ from seqmix.mixers.base import MixerBase, check_divisible
 from seqmix.mixers.common import segments
 from seqmix.mixers.common.norms import LayerNorm
 from seqmix.mixers.common.short_conv import ShortConv, ShortConvCache
-from seqmix.ops import mlstm as mlstm_ops
 from seqmix.parallel import axes
+from seqmix.parallel import dispatch
 
 
 class MLSTMCache(NamedTuple):
@@ -148,7 +148,7 @@ class MLSTM(MixerBase):
                                      cache_last_id=None if cache is None else cache.seg)
     f_pre = segments.reset_log_gate(f_pre, starts)
     heads = lambda a: a.reshape(b, t, h, e // h)                         # [b, t, h, k]
-    hs, (cs, ns, ms) = mlstm_ops.mlstm(
+    hs, (cs, ns, ms) = dispatch.mlstm(
         heads(q), heads(k), heads(v), i_pre, f_pre, eps=self.eps,
         initial_state=None if cache is None else (cache.c, cache.n, cache.m),
         chunk_size=self.chunk_size, impl=self.impl)                      # [b, t, h, k]
