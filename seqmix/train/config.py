@@ -50,6 +50,9 @@ def train_defaults() -> ml_collections.ConfigDict:
   # Device mesh (seqmix.parallel.mesh.make_mesh: axis sizes data/fsdp/tensor/sequence, one may
   # be -1; optional axis_types and logical-axis `rules`). Empty: one device, the plain step.
   c.mesh = ml_collections.ConfigDict()
+  # Softmax attention when the mesh shards the sequence: "ring" (K/V passed around the
+  # `sequence` axis with ppermute) or "allgather" (one all-gather of K/V).
+  c.context_parallel = "ring"
   return c
 
 
@@ -88,7 +91,7 @@ def _field_default(cls, field: str):
 
 
 # train keys a config may leave out (configs written before they existed keep working).
-OPTIONAL_TRAIN = ("mesh",)
+OPTIONAL_TRAIN = ("mesh", "context_parallel")
 
 
 def validate(config: ml_collections.ConfigDict, *, check_model: bool = True) -> None:
@@ -113,6 +116,9 @@ def validate(config: ml_collections.ConfigDict, *, check_model: bool = True) -> 
   if t.batch_size % t.grad_accum:
     raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by train.grad_accum="
                       f"{t.grad_accum}; the update splits the batch into equal micro-batches.")
+  if t.get("context_parallel", "ring") not in ("ring", "allgather"):
+    raise ConfigError(f"train.context_parallel={t.context_parallel!r}: choose 'ring' or "
+                      "'allgather'.")
   if t.decay_steps <= t.warmup_steps:
     raise ConfigError(f"train.decay_steps={t.decay_steps} must exceed train.warmup_steps="
                       f"{t.warmup_steps}; usually decay_steps = steps.")

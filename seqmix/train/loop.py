@@ -187,7 +187,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Ho
   else:
     train_step = sharding_lib.make_sharded_train_step(
         model, optimizer, mesh, rules, shardings, grad_accum=int(t.grad_accum),
-        schedule=schedule)
+        schedule=schedule, context_parallel=t.get("context_parallel", "ring"))
   eval_step = step_lib.make_eval_step(model)
   writer = metrics_lib.MetricWriter(os.path.join(workdir, "tb") if t.tensorboard else None)
   n_params = metrics_lib.param_count(state.params)
