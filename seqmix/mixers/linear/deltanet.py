@@ -90,7 +90,8 @@ class DeltaNetCache(NamedTuple):
 @registry.register(
     "deltanet", paper="Linear Transformers Are Secretly Fast Weight Programmers", year=2021,
     venue="ICML", family="linear-attention", op="delta_rule.delta_rule + conv.causal_conv",
-    parents=("linear_transformer",), constant_state=True, test_kwargs={"num_heads": 2})
+    parents=("linear_transformer",), constant_state=True, test_kwargs={"num_heads": 2},
+    sequence_parallel=True)
 class DeltaNet(MixerBase):
   """DeltaNet layer.  x [B, T, D] -> y [B, T, D].
 

@@ -39,7 +39,7 @@ GatedDeltaNetCache = DeltaNetCache
     "gated_deltanet", paper="Gated Delta Networks: Improving Mamba2 with Delta Rule", year=2025,
     venue="ICLR", family="linear-attention", op="delta_rule.delta_rule + conv.causal_conv",
     parents=("deltanet", "mamba2"), constant_state=True,
-    test_kwargs={"num_heads": 2, "head_dim": 16})
+    test_kwargs={"num_heads": 2, "head_dim": 16}, sequence_parallel=True)
 class GatedDeltaNet(MixerBase):
   """Gated DeltaNet layer.  x [B, T, D] -> y [B, T, D].
 

@@ -70,7 +70,8 @@ def rotate_by_phase(x, phase):
 @registry.register(
     "gateloop", paper="GateLoop: Fully Data-Controlled Linear Recurrence for Sequence Modeling",
     year=2023, venue="arXiv", family="linear-rnn", op="linear_attention.gla",
-    parents=("retnet", "lru"), constant_state=True, test_kwargs={"num_heads": 2})
+    parents=("retnet", "lru"), constant_state=True, test_kwargs={"num_heads": 2},
+    sequence_parallel=True)
 class GateLoop(MixerBase):
   """GateLoop token mixer.  x [B, T, D] -> y [B, T, D].
 

@@ -48,7 +48,7 @@ def forget_lower_bound(layer_idx: int, n_layers: int) -> float:
 @registry.register(
     "hgrn2", paper="HGRN2: Gated Linear RNNs with State Expansion", year=2024, venue="COLM",
     family="linear-rnn", op="linear_attention.gla", parents=("hgrn", "gla"),
-    constant_state=True, test_kwargs={"expand_ratio": 16})
+    constant_state=True, test_kwargs={"expand_ratio": 16}, sequence_parallel=True)
 class HGRN2(MixerBase):
   """HGRN2 token mixer.  x [B, T, D] -> y [B, T, D].
 

@@ -59,7 +59,7 @@ def lightning_log_decays(num_heads: int, layer_idx: int, n_layers: int):
     "lightning", paper="TransNormerLLM: A Faster and Better Large Language Model with Improved "
     "TransNormer", year=2023, venue="arXiv", family="linear-attention",
     op="linear_attention.gla", parents=("transnormer", "retnet"), constant_state=True,
-    test_kwargs={"num_heads": 4})
+    test_kwargs={"num_heads": 4}, sequence_parallel=True)
 class Lightning(MixerBase):
   """Lightning attention (TransNormerLLM's token mixer).  x [B, T, D] -> y [B, T, D].
 

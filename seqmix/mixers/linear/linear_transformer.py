@@ -37,7 +37,7 @@ def elu_feature_map(x):
     "linear_transformer", paper="Transformers are RNNs: Fast Autoregressive Transformers with "
     "Linear Attention", year=2020, venue="ICML", family="linear-attention",
     op="linear_attention.gla", parents=("mha",), constant_state=True,
-    test_kwargs={"num_heads": 2}, needs_positions=True)
+    test_kwargs={"num_heads": 2}, needs_positions=True, sequence_parallel=True)
 class LinearTransformer(MixerBase):
   """Causal linear attention, normalised.  x [B, T, D] -> y [B, T, D].
 

@@ -59,7 +59,7 @@ def a_log_init(low: float, high: float):
     "mamba2", paper="Transformers are SSMs: Generalized Models and Efficient Algorithms Through "
     "Structured State Space Duality", year=2024, venue="ICML", family="ssm",
     op="linear_attention.gla + conv.causal_conv", parents=("mamba",), constant_state=True,
-    test_kwargs={"d_state": 16, "headdim": 16, "expand": 2})
+    test_kwargs={"d_state": 16, "headdim": 16, "expand": 2}, sequence_parallel=True)
 class Mamba2(MixerBase):
   """Mamba2 (SSD) layer.  x [B, T, D] -> y [B, T, D].
 

@@ -68,7 +68,7 @@ def rotate_pairs(x, positions, base: float = 10000.0):
     "retnet", paper="Retentive Network: A Successor to Transformer for Large Language Models",
     year=2023, venue="arXiv", family="linear-attention", op="linear_attention.gla",
     parents=("linear_transformer",), constant_state=True,
-    test_kwargs={"num_heads": 2})
+    test_kwargs={"num_heads": 2}, sequence_parallel=True)
 class RetNet(MixerBase):
   """Multi-scale retention.  x [B, T, D] -> y [B, T, D].
 

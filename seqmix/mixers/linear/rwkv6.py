@@ -110,7 +110,7 @@ def bonus_init(d_att: int, layer_idx: int, n_layers: int):
     "rwkv6", paper="Eagle and Finch: RWKV with Matrix-Valued States and Dynamic Recurrence",
     year=2024, venue="COLM", family="linear-attention", op="linear_attention.rwkv6",
     parents=("rwkv4", "gla"), constant_state=True,
-    test_kwargs={"head_size": 8, "mix_lora_rank": 8, "decay_lora_rank": 8})
+    test_kwargs={"head_size": 8, "mix_lora_rank": 8, "decay_lora_rank": 8}, sequence_parallel=True)
 class RWKV6(MixerBase):
   """RWKV-6 time mixing.  x [B, T, D] -> y [B, T, D]; pair it with `mlp="rwkv_channel_mix"`.
 

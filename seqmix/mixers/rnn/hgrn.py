@@ -41,7 +41,8 @@ class HGRNCache(NamedTuple):
 @registry.register(
     "hgrn", paper="Hierarchically Gated Recurrent Neural Network for Sequence Modeling",
     year=2023, venue="NeurIPS", family="linear-rnn", op="scan.linear_scan", parents=("lru",),
-    constant_state=True, test_kwargs={}, url="https://arxiv.org/abs/2311.04823")
+    constant_state=True, test_kwargs={}, url="https://arxiv.org/abs/2311.04823",
+    sequence_parallel=True)
 class HGRN(MixerBase):
   """HGRN token mixer.  x [B, T, D] -> y [B, T, D].
 

@@ -114,7 +114,7 @@ class MinRNNBase(MixerBase):
 @registry.register(
     "mingru", paper="Were RNNs All We Needed?", year=2024, venue="arXiv", family="linear-rnn",
     op="scan.linear_scan", parents=("gru",), constant_state=True, test_kwargs={},
-    url="https://arxiv.org/abs/2410.01201")
+    url="https://arxiv.org/abs/2410.01201", sequence_parallel=True)
 class MinGRU(MinRNNBase):
   """minGRU.  x [B, T, D] -> y [B, T, D]. Fields: see `MinRNNBase`."""
   registry_name = "mingru"

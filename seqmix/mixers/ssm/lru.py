@@ -71,7 +71,8 @@ def _complex_parts_init(std: float):
 @registry.register(
     "lru", paper="Resurrecting Recurrent Neural Networks for Long Sequences", year=2023,
     venue="ICML", family="linear-rnn", op="scan.linear_scan", parents=("s4d", "s5"),
-    constant_state=True, test_kwargs={"d_state": 16}, url="https://arxiv.org/abs/2303.06349")
+    constant_state=True, test_kwargs={"d_state": 16}, url="https://arxiv.org/abs/2303.06349",
+    sequence_parallel=True)
 class LRU(MixerBase):
   """Linear Recurrent Unit.  x [B, T, D] -> y [B, T, D].
 

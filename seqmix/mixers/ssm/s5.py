@@ -75,7 +75,7 @@ def _c_tilde_init(v):
     "s5", paper="Simplified State Space Layers for Sequence Modeling",
     year=2023, venue="ICLR", family="ssm", op="scan.linear_scan",
     parents=("s4d",), constant_state=True,
-    test_kwargs={"d_state": 16, "blocks": 2})
+    test_kwargs={"d_state": 16, "blocks": 2}, sequence_parallel=True)
 class S5(MixerBase):
   """S5 layer (MIMO diagonal SSM).  x [B, T, D] -> y [B, T, D].
 
