@@ -53,7 +53,7 @@ def _linspace_init(start: float, stop: float):
 @registry.register(
     "mlstm", paper="xLSTM: Extended Long Short-Term Memory", year=2024, venue="NeurIPS",
     family="linear-rnn", op="mlstm.mlstm + conv.causal_conv", parents=("linear_transformer",),
-    constant_state=True, test_kwargs={"num_heads": 2, "round_proj_to": 16})
+    constant_state=True, test_kwargs={"num_heads": 2, "round_proj_to": 16}, sequence_parallel=True)
 class MLSTM(MixerBase):
   """xLSTM mLSTM block (pre-up-projection).  x [B, T, D] -> y [B, T, D].
 
