@@ -176,11 +176,15 @@ def test_causal_conv(n, taps):
 
 
 @pytest.mark.parametrize("n,strong", [pytest.param(2, "edge", marks=SLOW), (4, "edge"),
-                                      pytest.param(4, "inside", marks=SLOW)])
+                                      pytest.param(4, "inside", marks=SLOW),
+                                      (4, "weak")])
 def test_mlstm(n, strong):
   """Outputs, final (C, n, m) and grads, with forget resets (f = −inf) on the shard edges and a
   strong input gate (i = 30) whose write must set the stabiliser of the later shards: on the
-  edge t = 8 (a shard's first token) or inside a shard (t = 6).
+  edge t = 8 (a shard's first token) or inside a shard (t = 6). "weak": every write weak
+  (i = −20) and m_0 = −5, so each shard's own write max lies below its summed log forget gate
+  and the stabiliser must come from the entering state (a shard pass started from m = 0
+  instead of "no write yet" gives a wrong final m).
 
   The shards run the reference form: with i = 30 the op's own chunked form is ~2e-5 from the
   reference in these grads (the stabiliser's max and the den clip are ill-conditioned there),
@@ -189,10 +193,15 @@ def test_mlstm(n, strong):
   q, k = (jax.random.normal(kk, (B, T, H, K)) for kk in ks[:2])
   v = jax.random.normal(ks[2], (B, T, H, V))
   i = jax.random.normal(ks[3], (B, T, H))
-  i = i.at[:, 8 if strong == "edge" else 6].set(30.0)
-  f = _with_resets(jax.random.normal(ks[4], (B, T, H)) + 3.0)
+  f = jax.random.normal(ks[4], (B, T, H)) + 3.0
   h0 = (jax.random.normal(ks[5], (B, H, K, V)), jax.random.normal(ks[6], (B, H, K)),
         jax.random.normal(ks[7], (B, H)))
+  if strong == "weak":
+    i = jnp.full_like(i, -20.0)
+    h0 = h0[:2] + (jnp.full((B, H), -5.0),)
+  else:
+    i = i.at[:, 8 if strong == "edge" else 6].set(30.0)
+    f = _with_resets(f)
   mesh = _mesh(n)
   par = lambda q, k, v, i, f, c0, n0, m0: sp.mlstm(q, k, v, i, f, mesh=mesh,
                                                    initial_state=(c0, n0, m0),
