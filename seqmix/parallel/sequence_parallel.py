@@ -22,6 +22,15 @@ passes of the op per shard, in exchange for one code path per op that any impl (
 A reset (gate −inf, a = 0) anywhere, including the first token of a shard, makes M_i (near)
 zero and the correction vanish, exactly as in the single-device op.
 
+`mlstm` is affine in its unstabilised state (exp(m) C, exp(m) n) but its output is not (it
+divides by max(|q n|, exp(−m))), and its stabiliser m is a running max. So each shard first
+runs the op from (0, 0, m = −1e30) (a stabiliser below any write, so it ends at the max of
+the shard's own writes, m_w, with the writes C_w, n_w stabilised by it) and sums its log
+forget gates, F; the all-gather of (C_w, n_w, m_w, F) is chained with the op's own
+inter-chunk rule, m' = max(F + m, m_w), C' = e^{F+m−m'} C + e^{m_w−m'} C_w (n alike), so the
+state entering every shard is the single-device one, stabiliser included; a second pass of
+the op from that state gives the outputs.
+
 `causal_conv` has no state to pass: each shard receives the L−1 rows before it from its left
 neighbour (one ppermute, the halo) and device 0 takes them from the initial state.
 
@@ -29,13 +38,16 @@ Each function takes global arrays like its op plus `mesh`, `axis_name` and the m
 batch (and head) dims; the `*_shard` functions run on local shards inside a caller's shard_map.
 """
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from seqmix.ops import _chunk
 from seqmix.ops import conv as _conv
 from seqmix.ops import delta_rule as _delta
 from seqmix.ops import linear_attention as _la
+from seqmix.ops import mlstm as _mlstm
 from seqmix.ops import scan as _scan
 from seqmix.ops import ssm as _ssm
 from seqmix.parallel import _shard
@@ -206,11 +218,16 @@ def delta_rule(q, k, v, beta, g=None, *, mesh, scale=None, initial_state=None, c
 
 
 def selective_scan_shard(u, delta, A, B, C, D=None, *, delta_bias=None, delta_softplus=False,
-                         initial_state=None, chunk_size=64, impl="auto", axis_name="sequence"):
-  """Sequence-parallel `selective_scan` on local shards (inside shard_map over `axis_name`)."""
+                         initial_state=None, reset=None, chunk_size=64, impl="auto",
+                         axis_name="sequence"):
+  """Sequence-parallel `selective_scan` on local shards (inside shard_map over `axis_name`).
+
+  reset [B, Tl] local: all three passes see it, so a reset zeroes the shard's transition from
+  that token on and the correction after it, as in the single-device op.
+  """
   b, _, d = u.shape
-  kw = dict(delta_bias=delta_bias, delta_softplus=delta_softplus, chunk_size=chunk_size,
-            impl=impl)
+  kw = dict(delta_bias=delta_bias, delta_softplus=delta_softplus, reset=reset,
+            chunk_size=chunk_size, impl=impl)
   y_loc, s_loc = _ssm.selective_scan(u, delta, A, B, C, D, **kw)
   shape = (b, d, A.shape[1])
   s0 = jnp.zeros(shape, _F32) if initial_state is None else initial_state.astype(_F32)
@@ -224,17 +241,77 @@ def selective_scan_shard(u, delta, A, B, C, D=None, *, delta_bias=None, delta_so
 
 
 def selective_scan(u, delta, A, B, C, D=None, *, mesh, delta_bias=None, delta_softplus=False,
-                   initial_state=None, chunk_size=64, impl="auto", axis_name="sequence",
-                   batch_axes=None):
+                   initial_state=None, reset=None, chunk_size=64, impl="auto",
+                   axis_name="sequence", batch_axes=None):
   """`seqmix.ops.ssm.selective_scan` with time sharded over `axis_name` of `mesh`."""
   n = _shard.check_axis(mesh, axis_name, "sequence-parallel selective_scan")
   _check_len("selective_scan", u.shape[1], n, axis_name)
   seq, rep, st = P(batch_axes, axis_name), P(), P(batch_axes)
-  fn = lambda u, delta, A, B, C, D, bias, h0: selective_scan_shard(
+  fn = lambda u, delta, A, B, C, D, bias, h0, reset: selective_scan_shard(
       u, delta, A, B, C, D, delta_bias=bias, delta_softplus=delta_softplus, initial_state=h0,
-      chunk_size=chunk_size, impl=impl, axis_name=axis_name)
-  return _shard.smap(fn, mesh, (u, delta, A, B, C, D, delta_bias, initial_state),
-                     (seq, seq, rep, seq, seq, rep, rep, st), (seq, st))
+      reset=reset, chunk_size=chunk_size, impl=impl, axis_name=axis_name)
+  return _shard.smap(fn, mesh, (u, delta, A, B, C, D, delta_bias, initial_state, reset),
+                     (seq, seq, rep, seq, seq, rep, rep, st, seq), (seq, st))
+
+
+# A stabiliser below every write: the op clamps log gates at _chunk.LOG_GATE_FLOOR (−80), so
+# m = −1e30 is never the max once a token is written, and e^{−1e30 − m} underflows to 0.
+_M_EMPTY = -1e30
+
+
+def mlstm_shard(q, k, v, i, f, *, scale=None, eps=1e-6, initial_state=None, chunk_size=64,
+                impl="auto", axis_name="sequence"):
+  """Sequence-parallel `mlstm` on local shards (inside shard_map over `axis_name`).
+
+  q, k [B, Tl, H, K], v [B, Tl, H, V], i, f [B, Tl, H] local; initial_state None or
+  (C [B, H, K, V], n [B, H, K], m [B, H]) replicated. Returns (h [B, Tl, H, V],
+  (C, n, m) final, on every device) as `seqmix.ops.mlstm.mlstm`.
+  """
+  b, _, h, kd = q.shape
+  vd = v.shape[-1]
+  kw = dict(scale=scale, eps=eps, chunk_size=chunk_size, impl=impl)
+  empty = (jnp.zeros((b, h, kd, vd), _F32), jnp.zeros((b, h, kd), _F32),
+           jnp.full((b, h), _M_EMPTY, _F32))
+  _, (c_w, n_w, m_w) = _mlstm.mlstm(q, k, v, i, f, initial_state=empty, **kw)
+  # The shard's total log forget gate, clamped as the op clamps it. [b, h]
+  lf_sum = jnp.sum(jax.nn.log_sigmoid(jnp.maximum(f.astype(_F32), _chunk.LOG_GATE_FLOOR)),
+                   axis=1)
+  if initial_state is None:
+    state = (empty[0], empty[1], jnp.zeros((b, h), _F32))
+  else:
+    state = tuple(x.astype(_F32) for x in initial_state)
+  cs, ns, ms, fs = (lax.all_gather(x, axis_name) for x in (c_w, n_w, m_w, lf_sum))  # [n, ...]
+  entering = []
+  for j in range(lax.axis_size(axis_name)):
+    entering.append(state)
+    c, n, m = state
+    m1 = jnp.maximum(fs[j] + m, ms[j])
+    decay, write = jnp.exp(fs[j] + m - m1), jnp.exp(ms[j] - m1)          # [b, h]
+    state = (decay[..., None, None] * c + write[..., None, None] * cs[j],
+             decay[..., None] * n + write[..., None] * ns[j], m1)
+  me = lax.axis_index(axis_name)
+  s_in = tuple(jnp.stack(parts)[me] for parts in zip(*entering))
+  out, _ = _mlstm.mlstm(q, k, v, i, f, initial_state=s_in, **kw)
+  return out, state
+
+
+def mlstm(q, k, v, i, f, *, mesh, scale=None, eps=1e-6, initial_state=None, chunk_size=64,
+          impl="auto", axis_name="sequence", batch_axes=None, head_axes=None):
+  """`seqmix.ops.mlstm.mlstm` with time sharded over `axis_name` of `mesh`."""
+  n = _shard.check_axis(mesh, axis_name, "sequence-parallel mlstm")
+  _check_len("mlstm", q.shape[1], n, axis_name)
+  x4, x3 = P(batch_axes, axis_name, head_axes, None), P(batch_axes, axis_name, head_axes)
+  st = (P(batch_axes, head_axes, None, None), P(batch_axes, head_axes, None),
+        P(batch_axes, head_axes))
+  c0, n0, m0 = (None, None, None) if initial_state is None else initial_state
+
+  def fn(q, k, v, i, f, c0, n0, m0):
+    h0 = None if c0 is None else (c0, n0, m0)
+    return mlstm_shard(q, k, v, i, f, scale=scale, eps=eps, initial_state=h0,
+                       chunk_size=chunk_size, impl=impl, axis_name=axis_name)
+
+  return _shard.smap(fn, mesh, (q, k, v, i, f, c0, n0, m0), (x4, x4, x4, x3, x3) + st,
+                     (x4, st))
 
 
 def causal_conv_shard(u, k, *, initial_state=None, impl="auto", axis_name="sequence"):

@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from seqmix import registry
 from seqmix.parallel import axes
+from seqmix.parallel import context
 from seqmix.train import state as state_lib
 from seqmix.train import step as step_lib
 
@@ -114,8 +115,8 @@ def check_sequence_axis(model, mesh, rules) -> None:
   """Refuses, before anything compiles, a mesh that shards the sequence of a mixer that can't.
 
   The sequence is sharded when the rules map `seq` to mesh axes of total size > 1. Every
-  layer's mixer must then have `sequence_parallel` in the registry; so far none is wired in
-  (ring attention and the sequence-parallel ops of this package are functions, not mixers).
+  layer's mixer must then have `sequence_parallel` in the registry (its ops go through
+  `seqmix.parallel.dispatch`, verified in tests/parallel/test_sp_mixers.py).
   """
   target = dict(rules).get(axes.SEQ)
   n = _mesh_size(mesh, target) if target is not None else 1
@@ -222,8 +223,13 @@ def global_batch(local_batch: dict, sharding) -> dict:
 
 
 def make_sharded_train_step(model, optimizer, mesh, rules, shardings: StateShardings, *,
-                            grad_accum: int = 1, schedule=None):
+                            grad_accum: int = 1, schedule=None, context_parallel: str = "ring"):
   """`make_train_step`'s step jitted with in/out shardings; the state is donated.
+
+  When the rules shard `seq` over a mesh axis of size > 1, the step is traced inside
+  `seqmix.parallel.context.sequence_parallel`, so every mixer runs the sequence-parallel form
+  of its op (ring or all-gather attention as `context_parallel` says; state passing for the
+  recurrent ops; a halo for short convolutions).
 
   Returns `train_step(state, batch) -> (state, metrics)`; `state` as `shardings` says, `batch`
   a dict of [B, T] arrays (sharded by `shard_batch`, or host arrays jit will place); metrics
@@ -232,8 +238,15 @@ def make_sharded_train_step(model, optimizer, mesh, rules, shardings: StateShard
   check_sequence_axis(model, mesh, rules)
   step = step_lib.make_train_step(model, optimizer, grad_accum=grad_accum, schedule=schedule,
                                   jit=False)
+  ctx = context.from_rules(mesh, rules, context_parallel=context_parallel)  # checks the args
+
+  def traced(state, batch):
+    # The block acts while jit traces this function (a fresh one per call here).
+    with context.sequence_parallel(mesh, rules, context_parallel=ctx.context_parallel):
+      return step(state, batch)
+
   replicated = NamedSharding(mesh, P())
-  return jax.jit(step, in_shardings=(shardings.state, batch_sharding(mesh, rules)),
+  return jax.jit(traced, in_shardings=(shardings.state, batch_sharding(mesh, rules)),
                  out_shardings=(shardings.state, replicated), donate_argnums=(0,))
 
 

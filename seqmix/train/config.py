@@ -61,6 +61,9 @@ def train_defaults() -> ml_collections.ConfigDict:
   # started several processes (TPU pod slice, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS),
   # "on" always, "off" never. Several processes without a mesh train data-parallel.
   c.distributed = "auto"
+  # Softmax attention when the mesh shards the sequence: "ring" (K/V passed around the
+  # `sequence` axis with ppermute) or "allgather" (one all-gather of K/V).
+  c.context_parallel = "ring"
   return c
 
 
@@ -99,7 +102,7 @@ def _field_default(cls, field: str):
 
 
 # train keys a config may leave out (configs written before they existed keep working).
-OPTIONAL_TRAIN = ("mesh", "distributed")
+OPTIONAL_TRAIN = ("mesh", "distributed", "context_parallel")
 
 
 def validate(config: ml_collections.ConfigDict, *, check_model: bool = True) -> None:
@@ -124,6 +127,9 @@ def validate(config: ml_collections.ConfigDict, *, check_model: bool = True) -> 
   if t.batch_size % t.grad_accum:
     raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by train.grad_accum="
                       f"{t.grad_accum}; the update splits the batch into equal micro-batches.")
+  if t.get("context_parallel", "ring") not in ("ring", "allgather"):
+    raise ConfigError(f"train.context_parallel={t.context_parallel!r}: choose 'ring' or "
+                      "'allgather'.")
   if t.decay_steps <= t.warmup_steps:
     raise ConfigError(f"train.decay_steps={t.decay_steps} must exceed train.warmup_steps="
                       f"{t.warmup_steps}; usually decay_steps = steps.")

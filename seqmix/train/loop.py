@@ -256,7 +256,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Ho
   else:
     train_step = sharding_lib.make_sharded_train_step(
         model, optimizer, mesh, rules, shardings, grad_accum=int(t.grad_accum),
-        schedule=schedule)
+        schedule=schedule, context_parallel=t.get("context_parallel", "ring"))
   if mesh is None:
     eval_step = step_lib.make_eval_step(model)
     put = _to_device
@@ -281,8 +281,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, hooks: Iterable[Ho
   last_train: dict[str, float] = {}
   val: dict[str, float] | None = None
   val_step = -1
-  pbar = tqdm(total=int(t.steps), initial=start, disable=not (t.progress and primary), dynamic_ncols=True,
-              desc="train")
+  pbar = tqdm(total=int(t.steps), initial=start, disable=not (t.progress and primary),
+              dynamic_ncols=True, desc="train")
   meter = metrics_lib.Throughput()
 
   def report(window: "_Window") -> None:

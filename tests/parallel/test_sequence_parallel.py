@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 from seqmix.ops import conv
 from seqmix.ops import delta_rule as delta_ops
 from seqmix.ops import linear_attention as la
+from seqmix.ops import mlstm as mlstm_ops
 from seqmix.ops import scan
 from seqmix.ops import ssm
 from seqmix.parallel import sequence_parallel as sp
@@ -172,6 +173,56 @@ def test_causal_conv(n, taps):
   par = lambda u, w, h0: sp.causal_conv(u, w, mesh=mesh, initial_state=h0, impl="reference")
   ref = lambda u, w, h0: conv.causal_conv(u, w, initial_state=h0, impl="reference")
   _compare(par, ref, (u, w, h0), (0, 1, 2), mesh)
+
+
+@pytest.mark.parametrize("n,strong", [pytest.param(2, "edge", marks=SLOW), (4, "edge"),
+                                      pytest.param(4, "inside", marks=SLOW),
+                                      (4, "weak")])
+def test_mlstm(n, strong):
+  """Outputs, final (C, n, m) and grads, with forget resets (f = −inf) on the shard edges and a
+  strong input gate (i = 30) whose write must set the stabiliser of the later shards: on the
+  edge t = 8 (a shard's first token) or inside a shard (t = 6). "weak": every write weak
+  (i = −20) and m_0 = −5, so each shard's own write max lies below its summed log forget gate
+  and the stabiliser must come from the entering state (a shard pass started from m = 0
+  instead of "no write yet" gives a wrong final m).
+
+  The shards run the reference form: with i = 30 the op's own chunked form is ~2e-5 from the
+  reference in these grads (the stabiliser's max and the den clip are ill-conditioned there),
+  which would hide the sharding maths this test checks."""
+  ks = _keys(7, 9)
+  q, k = (jax.random.normal(kk, (B, T, H, K)) for kk in ks[:2])
+  v = jax.random.normal(ks[2], (B, T, H, V))
+  i = jax.random.normal(ks[3], (B, T, H))
+  f = jax.random.normal(ks[4], (B, T, H)) + 3.0
+  h0 = (jax.random.normal(ks[5], (B, H, K, V)), jax.random.normal(ks[6], (B, H, K)),
+        jax.random.normal(ks[7], (B, H)))
+  if strong == "weak":
+    i = jnp.full_like(i, -20.0)
+    h0 = h0[:2] + (jnp.full((B, H), -5.0),)
+  else:
+    i = i.at[:, 8 if strong == "edge" else 6].set(30.0)
+    f = _with_resets(f)
+  mesh = _mesh(n)
+  par = lambda q, k, v, i, f, c0, n0, m0: sp.mlstm(q, k, v, i, f, mesh=mesh,
+                                                   initial_state=(c0, n0, m0),
+                                                   impl="reference")
+  ref = lambda q, k, v, i, f, c0, n0, m0: mlstm_ops.mlstm(q, k, v, i, f,
+                                                          initial_state=(c0, n0, m0),
+                                                          impl="reference")
+  args = (q, k, v, i, f) + h0
+  out_r = jax.jit(ref)(*args)
+  cot = jax.tree.map(lambda x, kk=ks[8]: jax.random.normal(kk, x.shape), out_r)
+
+  def grads(fn):
+    loss = lambda *a: sum(jnp.sum(o * c) for o, c in zip(jax.tree.leaves(fn(*a)),
+                                                           jax.tree.leaves(cot)))
+    return jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))(*args)
+
+  with jax.set_mesh(mesh):
+    out = jax.jit(par)(*args)
+    g = grads(par)
+  assert_trees_rel_close(out, out_r, RTOL, "outputs and final (C, n, m)")
+  assert_trees_rel_close(g, grads(ref), RTOL, "grads")
 
 
 def test_explicit_mesh_axes():

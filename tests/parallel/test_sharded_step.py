@@ -1,9 +1,10 @@
 """The sharded train step (seqmix.parallel.sharding) equals the single-device step.
 
-On the 8 simulated CPU devices of tests/conftest.py: DP, FSDP, TP and DP×FSDP×TP meshes run
-one step of a tiny two-layer LM (mha, gla); loss and updated params must match the
-single-device step at float32 rtol 1e-5, and the params and Adam moments must be sharded as
-the logical-axis rules say.
+On the 8 simulated CPU devices of tests/conftest.py: DP, FSDP, TP, DP×FSDP×TP, DP×sequence and
+sequence meshes run one step of a tiny two-layer LM (mha, gla); loss and updated params must
+match the single-device step at float32 rtol 1e-5, and the params and Adam moments must be
+sharded as the logical-axis rules say. With the sequence sharded, the step must trace the
+sequence-parallel ops (ring attention, gla state passing).
 """
 
 import jax
@@ -63,10 +64,16 @@ MODES = {
     "fsdp": ({"fsdp": 8}, (4, 4, 8), (4, 128)),
     "tp": ({"data": 2, "tensor": 4}, (32, 1, 8), (32, 32)),
     "dp_fsdp_tp": ({"data": 2, "fsdp": 2, "tensor": 2}, (16, 2, 8), (16, 64)),
+    # The sequence sharded: mha runs ring attention, gla state passing (shards of 4 and 2
+    # tokens; the batch keeps data=2 inside the shard_maps).
+    "dp_seq": ({"data": 2, "sequence": 4}, (32, 4, 8), (32, 128)),
+    "seq": ({"sequence": 8}, (32, 4, 8), (32, 128)),
 }
+SLOW_MODES = ("seq",)
 
 
-@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("mode", [pytest.param(m, marks=pytest.mark.slow) if m in SLOW_MODES
+                                  else m for m in MODES])
 def test_sharded_step_equals_single_device(mode, reference):
   cfg, q_shard, mlp_shard = MODES[mode]
   init_ref, state_ref, metrics_ref = reference
@@ -95,7 +102,10 @@ def test_sharded_step_equals_single_device(mode, reference):
   step = sharding.make_sharded_train_step(model, opt, mesh, rules, sh, grad_accum=2)
   placed = sharding.shard_batch(batch, mesh, rules)
   n_batch = cfg.get("data", 1) * cfg.get("fsdp", 1)  # batch -> ("data", "fsdp")
-  assert placed["inputs"].sharding.shard_shape((B, T)) == (B // n_batch, T)
+  n_seq = cfg.get("sequence", 1)  # seq -> "sequence"
+  assert placed["inputs"].sharding.shard_shape((B, T)) == (B // n_batch, T // n_seq)
+  if "sequence" in cfg:  # the sequence-parallel ops (shard_maps) are in the traced step
+    assert str(jax.make_jaxpr(step)(state, placed)).count("shard_map") >= 2
   new, metrics = step(state, placed)
   assert new.params["block_0"]["mixer"]["q_proj"]["kernel"].sharding.is_equivalent_to(
       q.sharding, q.ndim)
@@ -131,14 +141,19 @@ def test_indivisible_dims_fall_back_to_replicated_and_table_says_so():
 
 
 def test_mesh_sharding_a_mixer_sequence_it_cannot_is_refused_before_compiling():
-  model, opt, batch = _model(), _optimizer(), _batch()
+  # slstm's recurrence is nonlinear in its state: no state passing across shards.
+  model = _model(mixer="mha,slstm", mixer_kwargs={"mha": {"num_heads": 4}})
+  opt, batch = _optimizer(), _batch()
   mesh = mesh_lib.make_mesh({"data": 4, "sequence": 2})
   rules = mesh_lib.logical_rules()
-  with pytest.raises(ValueError, match=r"sequence over sequence=2 .*'gla', 'mha' cannot run "
-                                       r"with a sharded sequence\. Mixers that can: none yet"):
+  with pytest.raises(ValueError, match=r"sequence over sequence=2 .*'slstm' cannot run "
+                                       r"with a sharded sequence\. Mixers that can: .*\bgla\b.*"
+                                       r"\bmha\b"):
     sharding.state_shardings(model, opt, batch, mesh, rules)
-  with pytest.raises(ValueError, match="'gla', 'mha' cannot"):
+  with pytest.raises(ValueError, match="'slstm' cannot"):
     sharding.make_sharded_train_step(model, opt, mesh, rules, None)
+  # The supported pair passes the check.
+  sharding.check_sequence_axis(_model(), mesh, rules)
   # A `sequence` axis the rules do not use for `seq` shards nothing: accepted.
   rules_no_seq = mesh_lib.logical_rules({"rules": [(k, v) for k, v in rules if k != "seq"]})
   sharding.check_sequence_axis(model, mesh, rules_no_seq)

@@ -29,6 +29,7 @@ from seqmix.mixers.base import MixerBase, check_divisible
 from seqmix.mixers.common.norms import RMSNorm
 from seqmix.ops import attention as attention_op
 from seqmix.parallel import axes
+from seqmix.parallel import dispatch
 from seqmix.positional import alibi, rope
 
 POSITIONS = ("rope", "alibi", "none")
@@ -46,7 +47,8 @@ class MHACache(NamedTuple):
 @registry.register(
     "mha", paper="Attention Is All You Need", year=2017, venue="NeurIPS", family="attention",
     op="attention.attention", constant_state=False,
-    test_kwargs={"num_heads": 4, "num_kv_heads": 2}, url="https://arxiv.org/abs/1706.03762")
+    test_kwargs={"num_heads": 4, "num_kv_heads": 2}, url="https://arxiv.org/abs/1706.03762",
+    sequence_parallel=True)
 class MHA(MixerBase):
   """Causal multi-head attention.  x [B,T,D] -> y [B,T,D].
 
@@ -153,10 +155,10 @@ class MHA(MixerBase):
     if cache is None:
       bias = None if slopes is None else alibi.alibi_bias(slopes, positions, positions)
       drop = self.attn_dropout if not deterministic else 0.0
-      o, _ = attention_op.attention(q, k, v, causal=True, window=self.window,
-                                    segment_ids=segment_ids, bias=bias, dropout_rate=drop,
-                                    dropout_rng=self.make_rng("dropout") if drop else None,
-                                    impl=self.impl)
+      o, _ = dispatch.attention(q, k, v, causal=True, window=self.window,
+                                segment_ids=segment_ids, bias=bias, dropout_rate=drop,
+                                dropout_rng=self.make_rng("dropout") if drop else None,
+                                impl=self.impl)
       new_cache = None
     else:
       o, new_cache = self._decode(q, k, v, index, positions, segment_ids, cache, slopes)

@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqmix.mixers.common import segments
-from seqmix.ops import linear_attention
 from seqmix.parallel import axes
+from seqmix.parallel import dispatch
 
 
 class FeatureMapCache(NamedTuple):
@@ -63,9 +63,9 @@ def normalized_linear_attention(phi_q, phi_k, v, *, eps: float, segment_ids=None
   starts = segments.segment_starts(segment_ids,
                                    cache_last_id=None if cache is None else cache.seg)
   g = segments.reset_log_gate(None, starts, shape=(b, t, h))
-  o, state = linear_attention.gla(phi_q, phi_k, v1, g, scale=1.0,
-                                  initial_state=None if cache is None else cache.state,
-                                  chunk_size=chunk_size, impl=impl)
+  o, state = dispatch.gla(phi_q, phi_k, v1, g, scale=1.0,
+                          initial_state=None if cache is None else cache.state,
+                          chunk_size=chunk_size, impl=impl)
   num, den = o[..., :-1].astype(jnp.float32), o[..., -1:].astype(jnp.float32)
   y = (num / (den + eps)).astype(v.dtype)                               # [b, t, h, v]
   new_cache = None if cache is None else FeatureMapCache(

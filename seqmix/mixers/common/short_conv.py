@@ -10,8 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from seqmix.ops import conv as conv_ops
 from seqmix.parallel import axes
+from seqmix.parallel import dispatch
 
 
 class ShortConvCache(NamedTuple):
@@ -72,10 +72,10 @@ class ShortConv(nn.Module):
     l1 = self.kernel_size - 1
     b, t, _ = u.shape
     if segment_ids is None and cache is None:
-      y, _ = conv_ops.causal_conv(u, k, impl=self.impl)
+      y, _ = dispatch.causal_conv(u, k, impl=self.impl)
       new_cache = None
     elif segment_ids is None:
-      y, state = conv_ops.causal_conv(u, k, initial_state=cache.inputs.astype(self.dtype),
+      y, state = dispatch.causal_conv(u, k, initial_state=cache.inputs.astype(self.dtype),
                                       impl=self.impl)
       seg = jnp.concatenate([cache.seg, jnp.zeros((b, t), jnp.int32)], axis=1)[:, t:]
       new_cache = ShortConvCache(state.astype(cache.inputs.dtype), seg)

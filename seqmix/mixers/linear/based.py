@@ -53,7 +53,7 @@ class BasedCache(NamedTuple):
     op="linear_attention.gla + attention.attention", parents=("linear_transformer", "mha"),
     constant_state=True,
     test_kwargs={"num_heads": 2, "feature_dim": 4, "window": 4},
-    url="https://arxiv.org/abs/2402.18668")
+    url="https://arxiv.org/abs/2402.18668", sequence_parallel=True)
 class Based(MixerBase):
   """Taylor linear attention plus sliding-window attention, summed.  x [B,T,D] -> y [B,T,D].
 

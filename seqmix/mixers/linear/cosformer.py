@@ -40,7 +40,7 @@ class CosformerCache(NamedTuple):
     family="linear-attention", op="linear_attention.gla", parents=("linear_transformer",),
     constant_state=True, test_kwargs={"num_heads": 2, "max_len": 64},
     needs_positions=True,
-    url="https://arxiv.org/abs/2202.08791")
+    url="https://arxiv.org/abs/2202.08791", sequence_parallel=True)
 class CosFormer(MixerBase):
   """Causal cosFormer attention.  x [B,T,D] -> y [B,T,D].
 

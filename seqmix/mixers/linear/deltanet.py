@@ -27,8 +27,8 @@ from seqmix.mixers.base import MixerBase, check_divisible
 from seqmix.mixers.common import segments
 from seqmix.mixers.common.norms import RMSNorm
 from seqmix.mixers.common.short_conv import ShortConv, ShortConvCache
-from seqmix.ops import delta_rule as delta_ops
 from seqmix.parallel import axes
+from seqmix.parallel import dispatch
 
 # fla's model init: every nn.Linear N(0, initializer_range² = 0.02²).
 FLA_LINEAR_INIT = nn.initializers.normal(0.02)
@@ -91,7 +91,7 @@ class DeltaNetCache(NamedTuple):
     "deltanet", paper="Linear Transformers Are Secretly Fast Weight Programmers", year=2021,
     venue="ICML", family="linear-attention", op="delta_rule.delta_rule + conv.causal_conv",
     parents=("linear_transformer", "fast_weights"), constant_state=True,
-    test_kwargs={"num_heads": 2})
+    test_kwargs={"num_heads": 2}, sequence_parallel=True)
 class DeltaNet(MixerBase):
   """DeltaNet layer.  x [B, T, D] -> y [B, T, D].
 
@@ -141,9 +141,9 @@ class DeltaNet(MixerBase):
     starts = segments.segment_starts(segment_ids,
                                      cache_last_id=None if cache is None else cache.seg)
     g = segments.reset_log_gate(None, starts, (b, t, h))
-    o, state = delta_ops.delta_rule(q, k, v, beta, g,
-                                    initial_state=None if cache is None else cache.state,
-                                    chunk_size=self.chunk_size, impl=self.impl)
+    o, state = dispatch.delta_rule(q, k, v, beta, g,
+                                   initial_state=None if cache is None else cache.state,
+                                   chunk_size=self.chunk_size, impl=self.impl)
     o = RMSNorm(eps=self.norm_eps, axis_name=axes.KV, dtype=self.dtype,
                 param_dtype=self.param_dtype, name="o_norm")(o)          # [b, t, h, v]
     y = nn.Dense(self.d_model, name="o_proj", use_bias=False, dtype=self.dtype,

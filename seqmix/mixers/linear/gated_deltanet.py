@@ -26,8 +26,8 @@ from seqmix.mixers.common.norms import GatedRMSNorm
 from seqmix.mixers.linear.deltanet import (FLA_LINEAR_INIT, DeltaNetCache, delta_conv_cache,
                                            delta_inputs, out_proj_init)
 from seqmix.mixers.linear.mamba2 import a_log_init, dt_bias_init
-from seqmix.ops import delta_rule as delta_ops
 from seqmix.parallel import axes
+from seqmix.parallel import dispatch
 
 
 # The same decoding state as DeltaNet's: (short-conv cache, [B, H, K, V] fast weights, last
@@ -39,7 +39,7 @@ GatedDeltaNetCache = DeltaNetCache
     "gated_deltanet", paper="Gated Delta Networks: Improving Mamba2 with Delta Rule", year=2025,
     venue="ICLR", family="linear-attention", op="delta_rule.delta_rule + conv.causal_conv",
     parents=("deltanet", "mamba2", "gla"), constant_state=True,
-    test_kwargs={"num_heads": 2, "head_dim": 16})
+    test_kwargs={"num_heads": 2, "head_dim": 16}, sequence_parallel=True)
 class GatedDeltaNet(MixerBase):
   """Gated DeltaNet layer.  x [B, T, D] -> y [B, T, D].
 
@@ -118,9 +118,9 @@ class GatedDeltaNet(MixerBase):
     starts = segments.segment_starts(segment_ids,
                                      cache_last_id=None if cache is None else cache.seg)
     g = segments.reset_log_gate(g, starts)
-    o, state = delta_ops.delta_rule(q, k, v, beta, g,
-                                    initial_state=None if cache is None else cache.state,
-                                    chunk_size=self.chunk_size, impl=self.impl)
+    o, state = dispatch.delta_rule(q, k, v, beta, g,
+                                   initial_state=None if cache is None else cache.state,
+                                   chunk_size=self.chunk_size, impl=self.impl)
     gate = dense(value_dim, "g_proj")(x).reshape(o.shape)                # [b, t, h, v]
     o = GatedRMSNorm(eps=self.norm_eps, norm_before_gate=True, axis_name=axes.KV,
                      dtype=self.dtype, param_dtype=self.param_dtype, name="o_norm")(o, gate)

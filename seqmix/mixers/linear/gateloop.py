@@ -32,8 +32,8 @@ import jax.numpy as jnp
 from seqmix import registry
 from seqmix.mixers.base import MixerBase, check_divisible
 from seqmix.mixers.common import segments
-from seqmix.ops import linear_attention
 from seqmix.parallel import axes
+from seqmix.parallel import dispatch
 
 
 class GateLoopCache(NamedTuple):
@@ -70,7 +70,8 @@ def rotate_by_phase(x, phase):
 @registry.register(
     "gateloop", paper="GateLoop: Fully Data-Controlled Linear Recurrence for Sequence Modeling",
     year=2023, venue="arXiv", family="linear-rnn", op="linear_attention.gla",
-    parents=("retnet", "lru"), constant_state=True, test_kwargs={"num_heads": 2})
+    parents=("retnet", "lru"), constant_state=True, test_kwargs={"num_heads": 2},
+    sequence_parallel=True)
 class GateLoop(MixerBase):
   """GateLoop token mixer.  x [B, T, D] -> y [B, T, D].
 
@@ -119,9 +120,9 @@ class GateLoop(MixerBase):
     q2, k2 = rotate_by_phase(q, phase), rotate_by_phase(k, phase)        # [b, t, h, 2k]
     g = jnp.concatenate([log_r, log_r], axis=-1)                         # [b, t, h, 2k]
     g = segments.reset_log_gate(g, starts)
-    o, state = linear_attention.gla(q2, k2, v, g, scale=hd ** -0.5,
-                                    initial_state=None if cache is None else cache.state,
-                                    chunk_size=self.chunk_size, impl=self.impl)
+    o, state = dispatch.gla(q2, k2, v, g, scale=hd ** -0.5,
+                            initial_state=None if cache is None else cache.state,
+                            chunk_size=self.chunk_size, impl=self.impl)
     o = o.reshape(b, t, d)                                               # [b, t, h·v]
     if self.use_output_gate:
       o = o * jax.nn.silu(dense(False, axes.EMBED, axes.HEADS, "g_proj")(x))

@@ -21,8 +21,8 @@ from seqmix.mixers.base import MixerBase, check_divisible
 from seqmix.mixers.common import segments
 from seqmix.mixers.common.lowrank import LowRank
 from seqmix.mixers.common.norms import GatedRMSNorm, RMSNorm
-from seqmix.ops import linear_attention
 from seqmix.parallel import axes
+from seqmix.parallel import dispatch
 
 # fla's layer init: xavier_uniform_(gain=2 ** -2.5), i.e. variance scale gain² = 2^-5 over fan_avg.
 FLA_INIT = nn.initializers.variance_scaling(2.0 ** -5, "fan_avg", "uniform")
@@ -37,7 +37,7 @@ class GLACache(NamedTuple):
     "gla", paper="Gated Linear Attention Transformers with Hardware-Efficient Training",
     year=2024, venue="ICML", family="linear-attention", op="linear_attention.gla",
     parents=("linear_transformer", "retnet"), constant_state=True,
-    test_kwargs={"num_heads": 2})
+    test_kwargs={"num_heads": 2}, sequence_parallel=True)
 class GLA(MixerBase):
   """Gated linear attention layer.  x [B, T, D] -> y [B, T, D].
 
@@ -97,9 +97,9 @@ class GLA(MixerBase):
     starts = segments.segment_starts(segment_ids,
                                      cache_last_id=None if cache is None else cache.seg)
     log_g = segments.reset_log_gate(log_g, starts)
-    o, state = linear_attention.gla(q, k, v, log_g,
-                                    initial_state=None if cache is None else cache.state,
-                                    chunk_size=self.chunk_size, impl=self.impl)
+    o, state = dispatch.gla(q, k, v, log_g,
+                            initial_state=None if cache is None else cache.state,
+                            chunk_size=self.chunk_size, impl=self.impl)
     norm_kw = dict(eps=self.norm_eps, axis_name=axes.KV, dtype=self.dtype,
                    param_dtype=self.param_dtype, name="g_norm")
     if self.use_output_gate:

@@ -35,7 +35,7 @@ from seqmix.parallel import axes
     "Mimicry", year=2024, venue="ICLR", family="linear-attention", op="linear_attention.gla",
     parents=("linear_transformer",), constant_state=True, test_kwargs={"num_heads": 2},
     needs_positions=True,
-    url="https://arxiv.org/abs/2402.04347")
+    url="https://arxiv.org/abs/2402.04347", sequence_parallel=True)
 class Hedgehog(MixerBase):
   """Linear attention with learnable [softmax(xW), softmax(−xW)] maps.  x [B,T,D] -> y [B,T,D].
 

@@ -28,8 +28,8 @@ from seqmix.mixers.base import MixerBase, check_divisible
 from seqmix.mixers.common import segments
 from seqmix.mixers.common.norms import RMSNorm
 from seqmix.mixers.linear.gla import FLA_INIT
-from seqmix.ops import linear_attention
 from seqmix.parallel import axes
+from seqmix.parallel import dispatch
 
 
 class HGRN2Cache(NamedTuple):
@@ -48,7 +48,7 @@ def forget_lower_bound(layer_idx: int, n_layers: int) -> float:
 @registry.register(
     "hgrn2", paper="HGRN2: Gated Linear RNNs with State Expansion", year=2024, venue="COLM",
     family="linear-rnn", op="linear_attention.gla", parents=("hgrn", "gla"),
-    constant_state=True, test_kwargs={"expand_ratio": 16})
+    constant_state=True, test_kwargs={"expand_ratio": 16}, sequence_parallel=True)
 class HGRN2(MixerBase):
   """HGRN2 token mixer.  x [B, T, D] -> y [B, T, D].
 
@@ -96,9 +96,9 @@ class HGRN2(MixerBase):
     starts = segments.segment_starts(segment_ids,
                                      cache_last_id=None if cache is None else cache.seg)
     log_f = segments.reset_log_gate(log_f, starts)
-    o, state = linear_attention.gla(q, k, i, log_f,
-                                    initial_state=None if cache is None else cache.state,
-                                    chunk_size=self.chunk_size, impl=self.impl)
+    o, state = dispatch.gla(q, k, i, log_f,
+                            initial_state=None if cache is None else cache.state,
+                            chunk_size=self.chunk_size, impl=self.impl)
     o = RMSNorm(eps=self.norm_eps, axis_name=axes.HEADS, dtype=self.dtype,
                 param_dtype=self.param_dtype, name="g_norm")(o.reshape(b, t, d))
     y = dense(axes.HEADS, axes.EMBED, "o_proj")(o)

@@ -25,8 +25,8 @@ from seqmix import registry
 from seqmix.mixers.base import MixerBase, check_divisible
 from seqmix.mixers.common import segments
 from seqmix.mixers.common.norms import RMSNorm
-from seqmix.ops import linear_attention
 from seqmix.parallel import axes
+from seqmix.parallel import dispatch
 
 
 class LightningCache(NamedTuple):
@@ -59,7 +59,7 @@ def lightning_log_decays(num_heads: int, layer_idx: int, n_layers: int):
     "lightning", paper="TransNormerLLM: A Faster and Better Large Language Model with Improved "
     "TransNormer", year=2023, venue="arXiv", family="linear-attention",
     op="linear_attention.gla", parents=("transnormer", "retnet"), constant_state=True,
-    test_kwargs={"num_heads": 4})
+    test_kwargs={"num_heads": 4}, sequence_parallel=True)
 class Lightning(MixerBase):
   """Lightning attention (TransNormerLLM's token mixer).  x [B, T, D] -> y [B, T, D].
 
@@ -104,9 +104,9 @@ class Lightning(MixerBase):
                                      cache_last_id=None if cache is None else cache.seg)
     g = (log_lambda if starts is None else
          segments.reset_log_gate(jnp.broadcast_to(log_lambda, (b, t, h)), starts))
-    o, state = linear_attention.gla(q, k, v, g, scale=1.0,
-                                    initial_state=None if cache is None else cache.state,
-                                    chunk_size=self.chunk_size, impl=self.impl)
+    o, state = dispatch.gla(q, k, v, g, scale=1.0,
+                            initial_state=None if cache is None else cache.state,
+                            chunk_size=self.chunk_size, impl=self.impl)
     o = RMSNorm(eps=self.norm_eps, use_scale=False, dtype=self.dtype, name="norm")(
         o.reshape(b, t, d))
     y = dense(d, axes.HEADS, axes.EMBED, "out_proj")(o * u)

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from seqmix import registry
 from seqmix.mixers.base import MixerBase, check_divisible
 from seqmix.mixers.common import segments
-from seqmix.ops import linear_attention
 from seqmix.parallel import axes
+from seqmix.parallel import dispatch
 
 
 class LinearTransformerCache(NamedTuple):
@@ -37,7 +37,7 @@ def elu_feature_map(x):
     "linear_transformer", paper="Transformers are RNNs: Fast Autoregressive Transformers with "
     "Linear Attention", year=2020, venue="ICML", family="linear-attention",
     op="linear_attention.gla", parents=("mha",), constant_state=True,
-    test_kwargs={"num_heads": 2}, needs_positions=True)
+    test_kwargs={"num_heads": 2}, needs_positions=True, sequence_parallel=True)
 class LinearTransformer(MixerBase):
   """Causal linear attention, normalised.  x [B, T, D] -> y [B, T, D].
 
@@ -78,9 +78,9 @@ class LinearTransformer(MixerBase):
     starts = segments.segment_starts(segment_ids,
                                      cache_last_id=None if cache is None else cache.seg)
     g = segments.reset_log_gate(None, starts, shape=(b, t, h))
-    o, state = linear_attention.gla(q, k, v1, g, scale=1.0,
-                                    initial_state=None if cache is None else cache.state,
-                                    chunk_size=self.chunk_size, impl=self.impl)
+    o, state = dispatch.gla(q, k, v1, g, scale=1.0,
+                            initial_state=None if cache is None else cache.state,
+                            chunk_size=self.chunk_size, impl=self.impl)
     num, den = o[..., :-1].astype(jnp.float32), o[..., -1:].astype(jnp.float32)
     o = (num / (den + self.eps)).astype(self.dtype)                      # [b, t, h, d/h]
     y = dense(axes.HEADS, axes.EMBED, "o_proj")(o.reshape(b, t, d))

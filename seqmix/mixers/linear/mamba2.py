@@ -25,8 +25,8 @@ from seqmix.mixers.base import MixerBase, check_divisible
 from seqmix.mixers.common import segments
 from seqmix.mixers.common.norms import GatedRMSNorm
 from seqmix.mixers.common.short_conv import ShortConv, ShortConvCache
-from seqmix.ops import linear_attention
 from seqmix.parallel import axes
+from seqmix.parallel import dispatch
 
 # PyTorch's nn.Linear default (kaiming_uniform(a=√5)): U(−1/√fan_in, 1/√fan_in).
 TORCH_LINEAR_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -60,7 +60,7 @@ def a_log_init(low: float, high: float):
     "Structured State Space Duality", year=2024, venue="ICML", family="ssm",
     op="linear_attention.gla + conv.causal_conv", parents=("mamba", "linear_transformer"),
     constant_state=True,
-    test_kwargs={"d_state": 16, "headdim": 16, "expand": 2})
+    test_kwargs={"d_state": 16, "headdim": 16, "expand": 2}, sequence_parallel=True)
 class Mamba2(MixerBase):
   """Mamba2 (SSD) layer.  x [B, T, D] -> y [B, T, D].
 
@@ -149,9 +149,9 @@ class Mamba2(MixerBase):
                                      cache_last_id=None if cache is None else cache.seg)
     log_decay = segments.reset_log_gate(log_decay, starts)
     v = (xs.astype(jnp.float32) * delta[..., None]).astype(self.dtype)   # [b, t, h, p]
-    y, state = linear_attention.gla(cm, bm, v, log_decay, scale=1.0,
-                                    initial_state=None if cache is None else cache.state,
-                                    chunk_size=self.chunk_size, impl=self.impl)
+    y, state = dispatch.gla(cm, bm, v, log_decay, scale=1.0,
+                            initial_state=None if cache is None else cache.state,
+                            chunk_size=self.chunk_size, impl=self.impl)
     y = y + d_skip.astype(self.dtype)[:, None] * xs                      # [b, t, h, p]
     y = GatedRMSNorm(eps=self.norm_eps, group_size=d_inner // self.ngroups,
                      norm_before_gate=False, axis_name=axes.HEADS, dtype=self.dtype,

@@ -31,8 +31,8 @@ from seqmix.mixers.base import MixerBase, check_divisible
 from seqmix.mixers.common import segments
 from seqmix.mixers.common.norms import LayerNorm
 from seqmix.mixers.common.short_conv import ShortConv, ShortConvCache
-from seqmix.ops import mlstm as mlstm_ops
 from seqmix.parallel import axes
+from seqmix.parallel import dispatch
 
 
 class MLSTMCache(NamedTuple):
@@ -54,7 +54,8 @@ def _linspace_init(start: float, stop: float):
     "mlstm", paper="xLSTM: Extended Long Short-Term Memory", year=2024, venue="NeurIPS",
     family="linear-rnn", op="mlstm.mlstm + conv.causal_conv",
     parents=("lstm", "linear_transformer"),
-    constant_state=True, test_kwargs={"num_heads": 2, "round_proj_to": 16})
+    constant_state=True, test_kwargs={"num_heads": 2, "round_proj_to": 16},
+    sequence_parallel=True)
 class MLSTM(MixerBase):
   """xLSTM mLSTM block (pre-up-projection).  x [B, T, D] -> y [B, T, D].
 
@@ -149,7 +150,7 @@ class MLSTM(MixerBase):
                                      cache_last_id=None if cache is None else cache.seg)
     f_pre = segments.reset_log_gate(f_pre, starts)
     heads = lambda a: a.reshape(b, t, h, e // h)                         # [b, t, h, k]
-    hs, (cs, ns, ms) = mlstm_ops.mlstm(
+    hs, (cs, ns, ms) = dispatch.mlstm(
         heads(q), heads(k), heads(v), i_pre, f_pre, eps=self.eps,
         initial_state=None if cache is None else (cache.c, cache.n, cache.m),
         chunk_size=self.chunk_size, impl=self.impl)                      # [b, t, h, k]

@@ -38,7 +38,7 @@ from seqmix.parallel import axes
     family="linear-attention", op="linear_attention.gla", parents=("linear_transformer",),
     constant_state=True, test_kwargs={"num_heads": 2, "num_features": 24},
     needs_positions=True,
-    url="https://arxiv.org/abs/2009.14794")
+    url="https://arxiv.org/abs/2009.14794", sequence_parallel=True)
 class Performer(MixerBase):
   """Causal FAVOR+ attention.  x [B,T,D] -> y [B,T,D].
 

@@ -27,8 +27,8 @@ from seqmix import registry
 from seqmix.mixers.base import MixerBase, check_divisible
 from seqmix.mixers.common import segments
 from seqmix.mixers.common.norms import LayerNorm
-from seqmix.ops import linear_attention
 from seqmix.parallel import axes
+from seqmix.parallel import dispatch
 
 # torchscale's retention init: xavier_uniform with gain 2^-2.5 for W_Q, W_K, W_V, W_G and 2^-1
 # for W_O (variance scales gain² over fan_avg).
@@ -68,7 +68,7 @@ def rotate_pairs(x, positions, base: float = 10000.0):
     "retnet", paper="Retentive Network: A Successor to Transformer for Large Language Models",
     year=2023, venue="arXiv", family="linear-attention", op="linear_attention.gla",
     parents=("linear_transformer",), constant_state=True,
-    test_kwargs={"num_heads": 2})
+    test_kwargs={"num_heads": 2}, sequence_parallel=True)
 class RetNet(MixerBase):
   """Multi-scale retention.  x [B, T, D] -> y [B, T, D].
 
@@ -127,9 +127,9 @@ class RetNet(MixerBase):
                                      cache_last_id=None if cache is None else cache.seg)
     g = (log_gamma if starts is None else
          segments.reset_log_gate(jnp.broadcast_to(log_gamma, (b, t, h)), starts))
-    o, state = linear_attention.gla(q, k, v, g,
-                                    initial_state=None if cache is None else cache.state,
-                                    chunk_size=self.chunk_size, impl=self.impl)
+    o, state = dispatch.gla(q, k, v, g,
+                            initial_state=None if cache is None else cache.state,
+                            chunk_size=self.chunk_size, impl=self.impl)
     o = LayerNorm(eps=self.norm_eps, use_bias=False, use_scale=False, dtype=self.dtype,
                   name="group_norm")(o)                                  # [b, t, h, v]
     gate = dense(h * vd, _QKVG_INIT, axes.EMBED, axes.HEADS, "g_proj")(x)

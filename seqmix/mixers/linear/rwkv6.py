@@ -37,8 +37,8 @@ from seqmix.mixers.base import MixerBase, check_divisible
 from seqmix.mixers.common import segments
 from seqmix.mixers.common.lowrank import LowRank
 from seqmix.mixers.common.token_shift import TokenShiftCache, init_token_shift_cache, token_shift
-from seqmix.ops import linear_attention
 from seqmix.parallel import axes
+from seqmix.parallel import dispatch
 
 # RWKV-LM: GroupNorm eps = 1e-5 · head_size_divisor², head_size_divisor = 8.
 GROUP_NORM_EPS = 1e-5 * 8 ** 2
@@ -110,7 +110,7 @@ def bonus_init(d_att: int, layer_idx: int, n_layers: int):
     "rwkv6", paper="Eagle and Finch: RWKV with Matrix-Valued States and Dynamic Recurrence",
     year=2024, venue="COLM", family="linear-attention", op="linear_attention.rwkv6",
     parents=("rwkv4", "gla"), constant_state=True,
-    test_kwargs={"head_size": 8, "mix_lora_rank": 8, "decay_lora_rank": 8})
+    test_kwargs={"head_size": 8, "mix_lora_rank": 8, "decay_lora_rank": 8}, sequence_parallel=True)
 class RWKV6(MixerBase):
   """RWKV-6 time mixing.  x [B, T, D] -> y [B, T, D]; pair it with `mlp="rwkv_channel_mix"`.
 
@@ -191,9 +191,9 @@ class RWKV6(MixerBase):
       bonus = jnp.sum(r.astype(jnp.float32) * u32 * k.astype(jnp.float32), -1,
                       keepdims=True) * v.astype(jnp.float32)             # [b, t, h, v]
       r = jnp.where(s4, jnp.zeros_like(r), r)
-    o, state = linear_attention.rwkv6(r, k, v, log_w, u32, scale=1.0,
-                                      initial_state=None if cache is None else cache.state,
-                                      chunk_size=self.chunk_size, impl=self.impl)
+    o, state = dispatch.rwkv6(r, k, v, log_w, u32, scale=1.0,
+                              initial_state=None if cache is None else cache.state,
+                              chunk_size=self.chunk_size, impl=self.impl)
     if starts is not None:
       o = jnp.where(s4, bonus.astype(o.dtype), o)
     o = nn.GroupNorm(num_groups=h, epsilon=self.norm_eps, use_fast_variance=False, name="ln_x",

@@ -46,7 +46,7 @@ def _normal_fan_in(scale: float):
     "hawk", paper="Griffin: Mixing Gated Linear Recurrences with Local Attention for Efficient "
     "Language Models", year=2024, venue="arXiv", family="linear-rnn", op="scan.linear_scan",
     parents=("lru",), constant_state=True, test_kwargs={"num_heads": 4},
-    url="https://arxiv.org/abs/2402.19427")
+    url="https://arxiv.org/abs/2402.19427", sequence_parallel=True)
 class Hawk(MixerBase):
   """Hawk / Griffin recurrent block.  x [B, T, D] -> y [B, T, D].
 

@@ -29,8 +29,8 @@ from seqmix.mixers.common import segments
 from seqmix.mixers.common.norms import GatedRMSNorm
 from seqmix.mixers.linear.gla import FLA_INIT
 from seqmix.mixers.linear.hgrn2 import forget_lower_bound
-from seqmix.ops import scan as scan_ops
 from seqmix.parallel import axes
+from seqmix.parallel import dispatch
 
 
 class HGRNCache(NamedTuple):
@@ -41,7 +41,8 @@ class HGRNCache(NamedTuple):
 @registry.register(
     "hgrn", paper="Hierarchically Gated Recurrent Neural Network for Sequence Modeling",
     year=2023, venue="NeurIPS", family="linear-rnn", op="scan.linear_scan", parents=("lru",),
-    constant_state=True, test_kwargs={}, url="https://arxiv.org/abs/2311.04823")
+    constant_state=True, test_kwargs={}, url="https://arxiv.org/abs/2311.04823",
+    sequence_parallel=True)
 class HGRN(MixerBase):
   """HGRN token mixer.  x [B, T, D] -> y [B, T, D].
 
@@ -84,7 +85,7 @@ class HGRN(MixerBase):
     starts = segments.segment_starts(segment_ids,
                                      cache_last_id=None if cache is None else cache.seg)
     forget = segments.reset_decay(forget, starts)
-    h, state = scan_ops.linear_scan(forget, inp.astype(self.dtype),
+    h, state = dispatch.linear_scan(forget, inp.astype(self.dtype),
                                     initial_state=None if cache is None else cache.state,
                                     chunk_size=self.chunk_size, impl=self.impl)
     o = GatedRMSNorm(eps=self.norm_eps, norm_before_gate=True, axis_name=axes.HEADS,

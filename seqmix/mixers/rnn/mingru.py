@@ -23,8 +23,8 @@ from seqmix import registry
 from seqmix.mixers.base import MixerBase
 from seqmix.mixers.common import segments
 from seqmix.mixers.linear.mamba2 import TORCH_LINEAR_INIT
-from seqmix.ops import scan as scan_ops
 from seqmix.parallel import axes
+from seqmix.parallel import dispatch
 
 CANDIDATE_ACTIVATIONS = ("g", "linear")
 
@@ -101,7 +101,7 @@ class MinRNNBase(MixerBase):
     starts = segments.segment_starts(segment_ids,
                                      cache_last_id=None if cache is None else cache.seg)
     a = segments.reset_decay(a, starts)
-    h, state = scan_ops.linear_scan(a, inp.astype(self.dtype),
+    h, state = dispatch.linear_scan(a, inp.astype(self.dtype),
                                     initial_state=None if cache is None else cache.state,
                                     chunk_size=self.chunk_size, impl=self.impl)
     y = h if w == self.d_model else self._dense(w, self.d_model, axes.HEADS, axes.EMBED,
@@ -114,7 +114,7 @@ class MinRNNBase(MixerBase):
 @registry.register(
     "mingru", paper="Were RNNs All We Needed?", year=2024, venue="arXiv", family="linear-rnn",
     op="scan.linear_scan", parents=("gru",), constant_state=True, test_kwargs={},
-    url="https://arxiv.org/abs/2410.01201")
+    url="https://arxiv.org/abs/2410.01201", sequence_parallel=True)
 class MinGRU(MinRNNBase):
   """minGRU.  x [B, T, D] -> y [B, T, D]. Fields: see `MinRNNBase`."""
   registry_name = "mingru"

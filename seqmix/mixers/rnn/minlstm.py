@@ -23,7 +23,7 @@ from seqmix.parallel import axes
 @registry.register(
     "minlstm", paper="Were RNNs All We Needed?", year=2024, venue="arXiv", family="linear-rnn",
     op="scan.linear_scan", parents=("lstm", "mingru"), constant_state=True, test_kwargs={},
-    url="https://arxiv.org/abs/2410.01201")
+    url="https://arxiv.org/abs/2410.01201", sequence_parallel=True)
 class MinLSTM(MinRNNBase):
   """minLSTM.  x [B, T, D] -> y [B, T, D]. Fields: see `mingru.MinRNNBase`."""
   registry_name = "minlstm"

@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from seqmix.mixers.base import check_divisible
-from seqmix.ops import scan as scan_ops
 from seqmix.parallel import axes
+from seqmix.parallel import dispatch
 
 # recurrentgemma bounds d√x/dx by this; the input normaliser √(1 − a²) is the only user.
 MAX_SQRT_GRADIENT = 1000.0
@@ -134,5 +134,5 @@ class RGLRU(nn.Module):
       a = jnp.where(s, 0.0, a)            # hard reset: nothing of the previous document
       norm = jnp.where(s, 1.0, norm)      # and the first input enters unscaled
     u = (x.astype(jnp.float32) * gate_x * norm).astype(self.dtype)
-    return scan_ops.linear_scan(a, u, initial_state=h0, chunk_size=self.chunk_size,
+    return dispatch.linear_scan(a, u, initial_state=h0, chunk_size=self.chunk_size,
                                 impl=self.impl)

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 from seqmix import registry
 from seqmix.mixers.base import MixerBase
 from seqmix.mixers.common import segments
-from seqmix.ops import scan as scan_ops
 from seqmix.parallel import axes
+from seqmix.parallel import dispatch
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -71,7 +71,8 @@ def _complex_parts_init(std: float):
 @registry.register(
     "lru", paper="Resurrecting Recurrent Neural Networks for Long Sequences", year=2023,
     venue="ICML", family="linear-rnn", op="scan.linear_scan", parents=("s4d", "s5", "rnn"),
-    constant_state=True, test_kwargs={"d_state": 16}, url="https://arxiv.org/abs/2303.06349")
+    constant_state=True, test_kwargs={"d_state": 16}, url="https://arxiv.org/abs/2303.06349",
+    sequence_parallel=True)
 class LRU(MixerBase):
   """Linear Recurrent Unit.  x [B, T, D] -> y [B, T, D].
 
@@ -133,7 +134,7 @@ class LRU(MixerBase):
     starts = segments.segment_starts(segment_ids,
                                      cache_last_id=None if cache is None else cache.seg)
     a = segments.reset_decay(jnp.broadcast_to(lam, (b, t, n)), starts)
-    hs, state = scan_ops.linear_scan(a, bu, initial_state=None if cache is None else cache.state,
+    hs, state = dispatch.linear_scan(a, bu, initial_state=None if cache is None else cache.state,
                                      chunk_size=self.chunk_size, impl=self.impl)
     y = jnp.einsum("dn,btn->btd", as_c(c_par), hs, precision=_HIGHEST).real  # [b, t, d]
     y = y + d_par.astype(jnp.float32) * u

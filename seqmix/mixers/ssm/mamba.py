@@ -30,8 +30,8 @@ from seqmix.mixers.base import MixerBase
 from seqmix.mixers.common import segments
 from seqmix.mixers.common.short_conv import ShortConv, ShortConvCache
 from seqmix.mixers.linear.mamba2 import TORCH_LINEAR_INIT, dt_bias_init
-from seqmix.ops import ssm as ssm_ops
 from seqmix.parallel import axes
+from seqmix.parallel import dispatch
 
 class MambaCache(NamedTuple):
   conv: ShortConvCache  # the short conv's last L−1 inputs [B, L−1, E·D] and their segment ids
@@ -59,7 +59,7 @@ def dt_proj_init(kind: str, std: float):
     "mamba", paper="Mamba: Linear-Time Sequence Modeling with Selective State Spaces", year=2023,
     venue="COLM", family="ssm", op="ssm.selective_scan + conv.causal_conv", parents=("s4d", "h3"),
     constant_state=True, test_kwargs={"d_state": 8, "expand": 2},
-    url="https://arxiv.org/abs/2312.00752")
+    url="https://arxiv.org/abs/2312.00752", sequence_parallel=True)
 class Mamba(MixerBase):
   """Mamba (S6) block.  x [B, T, D] -> y [B, T, D].
 
@@ -152,7 +152,7 @@ class Mamba(MixerBase):
     starts = segments.segment_starts(segment_ids,
                                      cache_last_id=None if cache is None else cache.seg)
     a = -jnp.exp(a_log.astype(jnp.float32))                              # [e·d, n]
-    y, state = ssm_ops.selective_scan(
+    y, state = dispatch.selective_scan(
         xs, dt, a, bm, cm, None, delta_bias=dt_bias.astype(jnp.float32), delta_softplus=True,
         initial_state=None if cache is None else cache.state, reset=starts,
         chunk_size=self.chunk_size, impl=self.impl)

@@ -32,9 +32,9 @@ from seqmix import registry
 from seqmix.mixers.base import MixerBase
 from seqmix.mixers.common import segments
 from seqmix.mixers.ssm import _common
-from seqmix.ops import scan as scan_ops
 from seqmix.ops import ssm_kernels
 from seqmix.parallel import axes
+from seqmix.parallel import dispatch
 
 
 class S5Cache(NamedTuple):
@@ -75,7 +75,7 @@ def _c_tilde_init(v):
     "s5", paper="Simplified State Space Layers for Sequence Modeling",
     year=2023, venue="ICLR", family="ssm", op="scan.linear_scan",
     parents=("s4d",), constant_state=True,
-    test_kwargs={"d_state": 16, "blocks": 2})
+    test_kwargs={"d_state": 16, "blocks": 2}, sequence_parallel=True)
 class S5(MixerBase):
   """S5 layer (MIMO diagonal SSM).  x [B, T, D] -> y [B, T, D].
 
@@ -150,7 +150,7 @@ class S5(MixerBase):
                     precision=jax.lax.Precision.HIGHEST)                 # [b, t, p']
     starts, last_seg = _common.starts_and_seg(segment_ids, cache, b)
     a = segments.reset_decay(jnp.broadcast_to(a_bar, (b, t, p2)), starts)
-    xs, state = scan_ops.linear_scan(a, bu, initial_state=None if cache is None else cache.state,
+    xs, state = dispatch.linear_scan(a, bu, initial_state=None if cache is None else cache.state,
                                      chunk_size=self.chunk_size, impl=self.impl)
     y = 2.0 * jnp.einsum("dp,btp->btd", _common.as_complex(c_t), xs,
                          precision=jax.lax.Precision.HIGHEST).real       # [b, t, d]
