@@ -48,7 +48,7 @@ def default_interpret() -> bool:
 
 
 def delta_rule(q, k, v, beta, g, h0, *, scale, chunk_size=64, block_v=64, num_warps=4,
-               num_stages=2, backward="pallas", interpret=None):
+               num_stages=2, backward=None, interpret=None):
   """The (gated) delta rule through the chunkwise kernel (kernel.py).
 
   Args:
@@ -63,7 +63,10 @@ def delta_rule(q, k, v, beta, g, h0, *, scale, chunk_size=64, block_v=64, num_wa
     block_v: value columns per program, a power of two >= 16.
     num_warps, num_stages: Triton launch parameters.
     backward: "pallas" (the backward kernel) or "jax" (the VJP of the pure-JAX chunked form,
-      the fallback if the backward kernel misbehaves on a device).
+      the fallback if the backward kernel misbehaves on a device); None: "pallas" for 16-bit
+      inputs, "jax" for float32 ones. On the H200 (2026-12-03) the backward kernel's float32
+      tiles asked for 245,760 bytes of shared memory (232,448 available) at K=V=128; in
+      bfloat16 it passed there.
     interpret: None picks `default_interpret()`.
 
   Returns:
@@ -88,6 +91,9 @@ def delta_rule(q, k, v, beta, g, h0, *, scale, chunk_size=64, block_v=64, num_wa
     if val < 16 or val & (val - 1):
       raise ValueError(f"delta_rule pallas: {name}={val} must be a power of two >= 16 (Triton "
                        f"dots need dims >= 16); e.g. 64.")
+  if backward is None:
+    backward = "jax" if jnp.dtype(jnp.result_type(q.dtype, k.dtype, v.dtype)).itemsize >= 4 \
+        else "pallas"
   if backward not in BACKWARDS:
     raise ValueError(f"delta_rule pallas: backward={backward!r}; choose one of {BACKWARDS}.")
   if interpret is None:

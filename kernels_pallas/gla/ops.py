@@ -36,7 +36,7 @@ def default_interpret() -> bool:
 
 
 def gla(q, k, v, g, h0, *, scale, chunk_size=None, block_v=64, num_warps=4, num_stages=2,
-        backward="two_pass", chunk_warps=8, forward="two_pass", super_chunk=None,
+        backward="two_pass", chunk_warps=8, forward=None, super_chunk=None,
         interpret=None):
   """gla through the chunkwise kernels (kernel.py; kernel_key.py for per-key gates).
 
@@ -53,7 +53,10 @@ def gla(q, k, v, g, h0, *, scale, chunk_size=None, block_v=64, num_warps=4, num_
     num_warps, num_stages: Triton launch parameters.
     backward: the scalar/fixed/no-gate backward scheme, "two_pass" or "seq" (kernel.py).
     chunk_warps: num_warps of the two-pass backward's per-chunk kernel.
-    forward: the forward scheme, "two_pass" or "seq" (kernel.py, kernel_key.py).
+    forward: the forward scheme, "two_pass" or "seq" (kernel.py, kernel_key.py); None:
+      "two_pass" for 16-bit inputs, "seq" for float32 ones. On the H200 (2026-12-03) the
+      two-pass forward's float32 tiles asked for 328,704 bytes of shared memory (232,448
+      available) at K=V=128, while the sequential forward passed in float32 there.
     super_chunk: tokens per super-chunk of the "two_pass" forward (a power of two; at least
       the chunk); None: 64 for per-key gates (4 chunks of 16), else 256 (4 chunks of 64).
     interpret: None picks `default_interpret()`.
@@ -72,6 +75,9 @@ def gla(q, k, v, g, h0, *, scale, chunk_size=None, block_v=64, num_warps=4, num_
   if g is not None and g.shape not in ((h,), (b, t, h), (b, t, h, kd)):
     raise ValueError(f"gla pallas: g must be None, [H] = {(h,)}, [B, T, H] = {(b, t, h)} or "
                      f"[B, T, H, K] = {(b, t, h, kd)}; got {g.shape=}.")
+  if forward is None:
+    forward = "seq" if jnp.dtype(jnp.result_type(q.dtype, k.dtype, v.dtype)).itemsize >= 4 \
+        else "two_pass"
   if backward not in kernel.BACKWARDS:
     raise ValueError(f"gla pallas: backward={backward!r}; expected one of {kernel.BACKWARDS}.")
   if forward not in kernel.BACKWARDS:

@@ -49,10 +49,10 @@ def test_table_renders_every_mixer_with_its_results(results):
   for name in registry.names():
     assert len(_row(block, name)) == len(header), name
   assert _row(block, "mha")[2:] == ["2017", "attention", "attention.attention", "KV cache",
-                                    "attention", "—", "0.900", "0.961", "—"]
+                                    "attention", "yes", "0.900", "0.961", "—"]
   assert _row(block, "gla")[2:] == ["2024", "linear-attention", "linear_attention.gla",
-                                    "constant", "gla", "—", "0.250", "0.062", "—"]
-  assert _row(block, "gated_deltanet")[6:] == ["—", "—", "OOM", "—", "0.750"]
+                                    "constant", "gla", "yes", "0.250", "0.062", "—"]
+  assert _row(block, "gated_deltanet")[6:] == ["delta_rule", "yes", "OOM", "—", "0.750"]
   assert _row(block, "based")[-3:] == ["—", "OOM", "—"]
   assert _row(block, "xlstm")[4].endswith("(pattern: mlstm ×7, slstm)")
   assert "Results for unregistered mixers left out: not_a_mixer." in block

@@ -36,12 +36,15 @@ def test_layout_puts_each_node_in_its_year_and_lane():
 def test_status_comes_from_the_op_tables():
   nodes = mixer_facts.lineage()
   # Hand-written from the ops' impl tables: gla, linear_scan, selective_scan and attention
-  # have a Pallas form; delta_rule, mlstm, ttt, rwkv4 and the SSM kernels have none.
+  # have a Pallas form, and delta_rule (deltanet, gated_deltanet); mlstm, ttt, rwkv4 and the SSM
+  # kernels have none.
   assert nodes["gla"].kernel == ("linear_attention.gla",)
   assert nodes["mamba"].kernel == ("ssm.selective_scan",)
   assert nodes["hawk"].kernel == ("scan.linear_scan",)
   assert nodes["based"].kernel == ("linear_attention.gla", "attention.attention")
-  for name in ("deltanet", "gated_deltanet", "mlstm", "ttt_linear", "rwkv4", "s4", "dss"):
+  assert nodes["deltanet"].kernel == ("delta_rule.delta_rule",)
+  assert nodes["gated_deltanet"].kernel == ("delta_rule.delta_rule",)
+  for name in ("mlstm", "ttt_linear", "rwkv4", "s4", "dss"):
     assert nodes[name].kernel == (), name
   assert nodes["lstm"].external and not nodes["lstm"].tested
   assert all(nodes[n].tested for n in registry.names())
