@@ -89,7 +89,9 @@ class BlockDiagonalLinear(nn.Module):
     bw = w_total // self.num_blocks
     w = self.param("w", axes.param(
         nn.initializers.variance_scaling(self.w_init_variance_scale, "fan_in", "normal"),
-        axes.HEADS, axes.KV, axes.KV), (self.num_blocks, bw, bw), self.param_dtype)
+        # One logical name may appear once per array (flax refuses ("kv", "kv") when it maps
+        # the names to a mesh): the output dim is named NONE (replicated, as KV is).
+        axes.HEADS, axes.KV, axes.NONE), (self.num_blocks, bw, bw), self.param_dtype)
     b = self.param("b", axes.param(nn.initializers.zeros, axes.HEADS, axes.KV),
                    (self.num_blocks, bw), self.param_dtype)
     xb = x.astype(self.dtype).reshape(*x.shape[:-1], self.num_blocks, bw)    # [..., h, i]
