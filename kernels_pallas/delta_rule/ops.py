@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas.delta_rule import kernel
+from kernels_pallas.gla.ops import _pow2_at_least, default_interpret  # as rwkv6 does
 
 _F32 = jnp.float32
 BACKWARDS = ("pallas", "jax")  # the default first
@@ -33,18 +34,6 @@ class _Config:
   t: int                         # the unpadded sizes, to cut the padding off again
   kd: int
   vd: int
-
-
-def _pow2_at_least(n, floor=16):
-  p = floor
-  while p < n:
-    p *= 2
-  return p
-
-
-def default_interpret() -> bool:
-  """Compiled (Triton lowering) on GPU; interpret mode everywhere else (CPU CI)."""
-  return jax.default_backend() != "gpu"
 
 
 def delta_rule(q, k, v, beta, g, h0, *, scale, chunk_size=64, block_v=64, num_warps=4,
