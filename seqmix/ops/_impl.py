@@ -16,7 +16,9 @@ def resolve(op: str, impl: str, available: dict, auto: dict) -> str:
   """Return the impl to run.
 
   available: impl name -> True if implemented (False: exists in the contract, not yet built).
-  auto: platform -> impl name chosen for `impl="auto"` ("default" for any other platform).
+  auto: platform -> impl name chosen for `impl="auto"` ("default" for any other platform);
+    an optional "why" entry maps a platform to the measurement behind its choice, which the
+    log line quotes.
   Unknown or unbuilt impls raise, naming the ones that exist.
   """
   built = [k for k, ok in available.items() if ok]
@@ -25,7 +27,9 @@ def resolve(op: str, impl: str, available: dict, auto: dict) -> str:
     key = (op, platform(), choice)
     if key not in _LOGGED:
       _LOGGED.add(key)
-      _log.info("seqmix.ops.%s: impl='auto' -> %r on %s", op, choice, platform())
+      why = auto.get("why", {}).get(platform())
+      _log.info("seqmix.ops.%s: impl='auto' -> %r on %s%s", op, choice, platform(),
+                f" ({why})" if why else "")
     return choice
   if impl not in available:
     raise ValueError(f"{op}: unknown impl {impl!r}; choose one of {built + ['auto']}.")

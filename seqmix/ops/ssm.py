@@ -50,7 +50,9 @@ from seqmix.ops._impl import platform, resolve
 from seqmix.ops.scan import _associative
 
 IMPLS = {"reference": True, "chunked": True, "pallas": True}
-AUTO = {"gpu": "pallas", "default": "chunked"}
+AUTO = {"gpu": "pallas", "default": "chunked",
+        "why": {"gpu": "H200 B8 T4096 D2048 N16 f32: pallas 1.99 / 10.86 ms fwd / fwd+bwd vs "
+                       "chunked 9.84 / 72.0"}}
 
 
 def _discretise(delta_t, A, B_t, u_t):

@@ -151,10 +151,10 @@ def test_jit_and_errors():
 
 
 def test_auto_resolves_per_platform_and_matches_reference():
-  """`auto` is the reference on the CPU and the associative scan on the GPU (`make test-gpu`
+  """`auto` is the reference on the CPU and the Pallas kernel on the GPU (`make test-gpu`
   runs this there, so the GPU's auto choice is compared with the oracle on its own backend)."""
   from seqmix.ops import scan as scan_mod
-  assert scan_mod.AUTO["cpu"] == "reference" and scan_mod.AUTO["gpu"] == "associative"
+  assert scan_mod.AUTO["cpu"] == "reference" and scan_mod.AUTO["gpu"] == "pallas"
   a, x, h0 = _inputs(11, 100, "real", jnp.float32, True, 16)
   platform = jax.default_backend()
   chosen = scan_mod.AUTO.get(platform, scan_mod.AUTO["default"])
@@ -163,3 +163,14 @@ def test_auto_resolves_per_platform_and_matches_reference():
                          f"auto vs {chosen}")   # the same form: bitwise equal
   assert_trees_rel_close(out, linear_scan(a, x, initial_state=h0, impl="reference"),
                          RTOL["float32"], "auto vs reference")
+
+
+def test_auto_log_line_names_the_measurement(monkeypatch, caplog):
+  """The GPU choice's log line quotes the measurement behind it (issue 8/9: auto says why)."""
+  from seqmix.ops import _impl
+  from seqmix.ops import scan as scan_mod
+  monkeypatch.setattr(_impl, "platform", lambda: "gpu")
+  monkeypatch.setattr(_impl, "_LOGGED", set())
+  with caplog.at_level("INFO", logger="seqmix.ops"):
+    assert _impl.resolve("linear_scan", "auto", scan_mod.IMPLS, scan_mod.AUTO) == "pallas"
+  assert "'pallas' on gpu (H200" in caplog.text and "associative" in caplog.text
