@@ -55,6 +55,8 @@ EXTERNAL_ANCESTORS: dict[str, Ancestor] = {a.name: a for a in (
              ("mha",)),
     Ancestor("transnormer", "The Devil in Linear Transformer", 2022, "linear-attention",
              ("linear_transformer",)),
+    Ancestor("ckconv", "CKConv: Continuous Kernel Convolution For Sequential Data", 2021,
+             "long-conv"),
 )}
 
 
