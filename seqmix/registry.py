@@ -57,6 +57,8 @@ EXTERNAL_ANCESTORS: dict[str, Ancestor] = {a.name: a for a in (
              ("linear_transformer",)),
     Ancestor("ckconv", "CKConv: Continuous Kernel Convolution For Sequential Data", 2021,
              "long-conv"),
+    Ancestor("monarch", "Monarch: Expressive Structured Matrices for Efficient and Accurate "
+             "Training", 2022, "long-conv"),
 )}
 
 
