@@ -133,3 +133,35 @@ def _monarch(x, k, t):
   kf = monarch_ops.monarch_dft(kp, axis=0)                          # [n, d]
   y = monarch_ops.monarch_idft(xf * kf[None], axis=1).real          # [b, n, d]
   return y[:, l1:l1 + t]
+
+
+def dynamic_causal_conv(u, k, *, initial_state=None, impl: str = "auto"):
+  """Causal depthwise convolution with a kernel per output step (DynamicConv).
+
+      y_t = Σ_{s=0}^{L-1} k_{t,s} ⊙ u_{t-s}
+
+  Args:
+    u: inputs `[B, T, D]`.
+    k: kernels `[B, T, L, D]`, same dtype as u; `k[:, t, 0]` multiplies the current token.
+    initial_state: `[B, L-1, D]` (the previous L-1 inputs, oldest first) or None (zeros).
+    impl: "reference" (the direct sum over the L taps in float32) | "auto" (= reference).
+
+  Returns:
+    (y `[B, T, D]` in u's dtype, state `[B, L-1, D]`: the last L-1 rows of concat(state, u)).
+  """
+  if k.ndim != 4 or k.shape[:2] != u.shape[:2] or k.shape[3] != u.shape[2]:
+    raise ValueError(f"dynamic_causal_conv: k must be [B, T, L, D] for {u.shape=}; "
+                     f"got {k.shape=}.")
+  _check(u, k[0, 0], initial_state)
+  resolve("dynamic_causal_conv", impl, {"reference": True}, {"default": "reference"})
+  b, t, d = u.shape
+  taps = k.shape[2]
+  l1 = taps - 1
+  past = (jnp.zeros((b, l1, d), u.dtype) if initial_state is None
+          else initial_state.astype(u.dtype))
+  full = jnp.concatenate([past, u], axis=1)                # u_{-(L-1)} .. u_{T-1}  [b, l1+t, d]
+  xf, kf = full.astype(jnp.float32), k.astype(jnp.float32)
+  y = jnp.zeros((b, t, d), jnp.float32)
+  for s in range(taps):  # kernels are short (DynamicConv: <= 31 taps)
+    y = y + kf[:, :, s] * xf[:, l1 - s:l1 - s + t]
+  return y.astype(u.dtype), full[:, full.shape[1] - l1:]
