@@ -59,6 +59,7 @@ EXTERNAL_ANCESTORS: dict[str, Ancestor] = {a.name: a for a in (
              "long-conv"),
     Ancestor("monarch", "Monarch: Expressive Structured Matrices for Efficient and Accurate "
              "Training", 2022, "long-conv"),
+    Ancestor("s2mlp", "S²-MLP: Spatial-Shift MLP Architecture for Vision", 2021, "long-conv"),
 )}
 
 
