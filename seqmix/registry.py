@@ -60,6 +60,7 @@ EXTERNAL_ANCESTORS: dict[str, Ancestor] = {a.name: a for a in (
     Ancestor("monarch", "Monarch: Expressive Structured Matrices for Efficient and Accurate "
              "Training", 2022, "long-conv"),
     Ancestor("s2mlp", "S²-MLP: Spatial-Shift MLP Architecture for Vision", 2021, "long-conv"),
+    Ancestor("wavenet", "WaveNet: A Generative Model for Raw Audio", 2016, "long-conv"),
 )}
 
 
