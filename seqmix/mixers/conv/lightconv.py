@@ -75,6 +75,29 @@ class _Base(MixerBase):
     w = jnp.repeat(w[..., ::-1], self.d_model // self.num_heads, axis=-2)   # [..., d, K]
     return jnp.swapaxes(w, -1, -2)
 
+  def _dynamic_conv(self, u, k, segment_ids, cache):
+    """y_t = Σ_s k_{t,s} ⊙ u_{t-s} with taps into other documents zeroed -> (y, cache | None).
+
+    u [B, T, D]; k [B, T, K, D] float32 per-token kernels in causal_conv's layout.
+    """
+    b, t, _ = u.shape
+    kk = k.shape[2]
+    l1 = kk - 1
+    if segment_ids is not None:
+      seg = segment_ids.astype(jnp.int32)
+      past_seg = jnp.full((b, l1), -1, jnp.int32) if cache is None else cache.seg
+      full_seg = jnp.concatenate([past_seg, seg], axis=1)                     # [b, l1 + t]
+      same = jnp.stack([full_seg[:, l1 - s:l1 - s + t] == seg for s in range(kk)], axis=2)
+      k = jnp.where(same[..., None], k, 0.0)                                  # [b, t, K, d]
+    y, state = conv_ops.dynamic_causal_conv(
+        u, k.astype(u.dtype), initial_state=None if cache is None else cache.inputs.astype(u.dtype))
+    if cache is None:
+      return y, None
+    new_seg = (jnp.zeros((b, t), jnp.int32) if segment_ids is None
+               else segment_ids.astype(jnp.int32))
+    return y, lc.LongConvCache(state.astype(cache.inputs.dtype),
+                               jnp.concatenate([cache.seg, new_seg], axis=1)[:, t:])
+
 
 @registry.register(
     "lightconv", paper="Pay Less Attention with Lightweight and Dynamic Convolutions", year=2019,
@@ -111,9 +134,8 @@ class DynamicConv(_Base):
     """x [B, T, D] -> (y [B, T, D], LongConvCache | None)."""
     del positions, deterministic
     self._check()
-    b, t, d = x.shape
+    b, t, _ = x.shape
     h, kk = self.num_heads, self.kernel_size
-    l1 = kk - 1
     u = self._glu_in(x)
     logits = nn.Dense(h * kk, dtype=self.dtype, param_dtype=self.param_dtype,
                       name="weight_linear",
@@ -122,19 +144,5 @@ class DynamicConv(_Base):
                       bias_init=axes.param(nn.initializers.zeros, axes.CONV))(u)
     w = jax.nn.softmax(logits.astype(jnp.float32).reshape(b, t, h, kk), axis=-1)
     k = self._per_channel(w)                                                  # [b, t, K, d]
-    if segment_ids is not None:
-      seg = segment_ids.astype(jnp.int32)
-      past_seg = jnp.full((b, l1), -1, jnp.int32) if cache is None else cache.seg
-      full_seg = jnp.concatenate([past_seg, seg], axis=1)                     # [b, l1 + t]
-      same = jnp.stack([full_seg[:, l1 - s:l1 - s + t] == seg for s in range(kk)], axis=2)
-      k = jnp.where(same[..., None], k, 0.0)                                  # [b, t, K, d]
-    y, state = conv_ops.dynamic_causal_conv(
-        u, k.astype(u.dtype), initial_state=None if cache is None else cache.inputs.astype(u.dtype))
-    new_cache = None
-    if cache is not None:
-      new_seg = (jnp.zeros((b, t), jnp.int32) if segment_ids is None
-                 else segment_ids.astype(jnp.int32))
-      new_cache = lc.LongConvCache(
-          state.astype(cache.inputs.dtype),
-          jnp.concatenate([cache.seg, new_seg], axis=1)[:, t:])
+    y, new_cache = self._dynamic_conv(u, k, segment_ids, cache)
     return self._out(y), new_cache
