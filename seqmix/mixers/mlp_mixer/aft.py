@@ -2,10 +2,11 @@
 
     q = x W_q, k = x W_k, v = x W_v                                           [B, T, A]
     AFT-full:   y_t = σ(q_t) ⊙ Σ_{t'≤t} exp(k_t' + w[t, t']) ⊙ v_t' / Σ_{t'≤t} exp(k_t' + w[t, t'])
+    AFT-local:  as AFT-full with w[t, t'] replaced by 0 where pos_t − pos_t' >= window
     AFT-simple: y_t = σ(q_t) ⊙ Σ_{t'≤t} exp(k_t') ⊙ v_t' / Σ_{t'≤t} exp(k_t')
     out = y W_o                                                               [B, T, D]
 
-(paper eq. 2 and 3, with the causal sum of its language-modelling experiments). Every channel
+(paper eq. 2-4, with the causal sum of its language-modelling experiments). Every channel
 c is its own softmax over the visible tokens with logits k_t'c + w[t, t']: attention with A
 heads of width 1, query 1, key k_t'c, scale 1 and the additive bias w (`seqmix.ops.attention`),
 so masking, empty rows and the running max are the op's. w [L, L] (L = max_len) is a learned
@@ -99,6 +100,10 @@ class AFTFull(_AFTBase):
     dense_mixing.check_max_len("aft", "init_cache max_len", max_len, self.max_len)
     return dense_mixing.init_past_cache(batch_size, max_len, (self._width(), 2), dtype)
 
+  def _bias(self, w, pos_q, pos_k):
+    """w [L,L] at (pos_q [B,T], pos_k [B,S]) -> [B,T,S] float32."""
+    return dense_mixing.table_at(w, pos_q, pos_k)
+
   @nn.compact
   def __call__(self, x, *, segment_ids=None, positions=None, cache=None, deterministic=True):
     """x [B,T,D] -> (y [B,T,D], PastCache | None). positions [B,T] index w (default: the
@@ -114,7 +119,7 @@ class AFTFull(_AFTBase):
     seg = dense_mixing.segments_or_zeros(segment_ids, b, t)
     kv, pos_k, visible = dense_mixing.with_past(cache, jnp.stack([k, v], -1), index, positions,
                                                 seg)                  # [b, s, a, 2]
-    bias = dense_mixing.table_at(w.astype(jnp.float32), positions, pos_k)[:, None]  # [b,1,t,s]
+    bias = self._bias(w.astype(jnp.float32), positions, pos_k)[:, None]  # [b, 1, t, s]
     ones = jnp.ones_like(k)[..., None]                                 # [b, t, a, 1] queries
     k1, v1 = kv[..., 0, None], kv[..., 1, None]                         # [b, s, a, 1]
     if cache is None:
@@ -127,6 +132,27 @@ class AFTFull(_AFTBase):
                                        scale=1.0, bias=bias, impl=self.impl)
       new_cache = dense_mixing.write(cache, jnp.stack([k, v], -1), index, positions, seg)
     return self._out(q, mean[..., 0]), new_cache
+
+
+@registry.register(
+    "aft_local", paper="An Attention Free Transformer", year=2021, venue="arXiv",
+    family="mlp-mixer", op="attention.attention", parents=("aft",), constant_state=False,
+    test_kwargs={"max_len": 64, "window": 3}, url="https://arxiv.org/abs/2105.14103")
+class AFTLocal(AFTFull):
+  """Causal AFT-local: AFT-full whose position bias is kept only for the `window` nearest
+  tokens, w'[t, t'] = w[t, t'] if pos_t − pos_t' < window else 0 (paper eq. 4, causal). The
+  keys beyond the window still count (with bias 0): a global softmax, a local bias.
+
+  window: s >= 1, the tokens (the current one included) that get their learned bias.
+  """
+  window: int = 32
+
+  def _bias(self, w, pos_q, pos_k):
+    if self.window < 1:
+      raise ValueError(f"aft_local: window={self.window} must be >= 1 (tokens with a learned "
+                       f"bias, the current one included).")
+    near = (pos_q[:, :, None] - pos_k[:, None, :]) < self.window            # [b, t, s]
+    return jnp.where(near, dense_mixing.table_at(w, pos_q, pos_k), 0.0)
 
 
 @registry.register(

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from seqmix.mixers import testing as mt
-from seqmix.mixers.mlp_mixer.aft import AFTFull, AFTSimple
+from seqmix.mixers.mlp_mixer.aft import AFTFull, AFTLocal, AFTSimple
 from seqmix.testing import RTOL, assert_rel_close
 
 D, T = 32, 11
@@ -16,8 +16,9 @@ SEG = np.array([[1] * 4 + [2] * 7, [0] * T], np.int32)
 POS = np.array([list(range(4)) + list(range(7)), list(range(T))], np.int32)
 
 
-def _loop(x, p, w=None, seg=SEG, pos=POS):
-  """y_t = σ(q_t) ⊙ Σ_{t'≤t, same doc} e^{k_t' + w[pos_t, pos_t']} v_t' / Σ(...) , then W_o."""
+def _loop(x, p, w=None, seg=SEG, pos=POS, local=None):
+  """y_t = σ(q_t) ⊙ Σ_{t'≤t, same doc} e^{k_t' + w[pos_t, pos_t']} v_t' / Σ(...) , then W_o;
+  with `local`, w[pos_t, pos_t'] counts only where pos_t − pos_t' < local (AFT-local)."""
   q, k, v = (x @ p[n]["kernel"] for n in ("query", "key", "value"))
   b, t, a = k.shape
   y = np.zeros((b, t, a))
@@ -26,7 +27,8 @@ def _loop(x, p, w=None, seg=SEG, pos=POS):
       logits = np.full((t, a), -np.inf)
       for r in range(s + 1):
         if seg[i, r] == seg[i, s]:
-          logits[r] = k[i, r] + (0.0 if w is None else w[pos[i, s], pos[i, r]])
+          near = local is None or pos[i, s] - pos[i, r] < local
+          logits[r] = k[i, r] + (0.0 if w is None or not near else w[pos[i, s], pos[i, r]])
       e = np.exp(logits - logits.max(axis=0))
       y[i, s] = (e * v[i]).sum(0) / e.sum(0)
   return (1.0 / (1.0 + np.exp(-q)) * y) @ p["output"]["kernel"]
@@ -44,17 +46,20 @@ def _setup(module, scale_key=1.0):
   return x, p64, params
 
 
-def test_aft_full_matches_formula():
+@pytest.mark.parametrize("local", [None, 3])
+def test_aft_full_matches_formula(local):
   """Row 0 packs two documents (positions restarting), row 1 is one. Unpacked inputs without
   segment ids, and decoding, are the protocol suite's (doc 2 alone == packed, decode ==
   parallel); positions past max_len give NaN (inside jit a traced position cannot raise),
   not a clipped bias."""
-  module = AFTFull(d_model=D, max_len=16)
+  module = AFTFull(d_model=D, max_len=16) if local is None else AFTLocal(d_model=D, max_len=16,
+                                                                          window=local)
   x, p64, params = _setup(module)
   runner = mt.Runner(module, params)
   xs = jnp.asarray(x, jnp.float32)
   y, _ = runner(xs, segment_ids=jnp.asarray(SEG), positions=jnp.asarray(POS))
-  assert_rel_close(y, _loop(x, p64, p64["pos_bias"]), RTOL["float32"], "aft vs loop")
+  assert_rel_close(y, _loop(x, p64, p64["pos_bias"], local=local), RTOL["float32"],
+                   "aft vs loop")
   past = np.broadcast_to(np.arange(T) + 16 - 5, (2, T))     # tokens 5.. sit at positions >= 16
   y = np.asarray(runner(xs, segment_ids=jnp.zeros((2, T), jnp.int32),
                         positions=jnp.asarray(past))[0])
@@ -99,3 +104,5 @@ def test_aft_full_config_errors():
     module.init_cache(1, 9)
   with pytest.raises(ValueError, match=r"hidden_dim=-1"):
     AFTFull(d_model=D, hidden_dim=-1).init_cache(1, 4)
+  with pytest.raises(ValueError, match=r"window=0 must be >= 1"):
+    AFTLocal(d_model=D, max_len=8, window=0).init(jax.random.key(0), x[:, :4])
