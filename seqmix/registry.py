@@ -16,7 +16,7 @@ import pkgutil
 from typing import Any
 
 FAMILIES = ("attention", "linear-attention", "ssm", "linear-rnn", "nonlinear-rnn",
-            "ttt", "long-conv", "memory", "hybrid")
+            "ttt", "long-conv", "memory", "mlp-mixer", "hybrid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +50,8 @@ EXTERNAL_ANCESTORS: dict[str, Ancestor] = {a.name: a for a in (
              "ssm"),
     Ancestor("lssl", "Combining Recurrent, Convolutional, and Continuous-time Models with "
              "Linear State-Space Layers", 2021, "ssm", ("hippo",)),
-    Ancestor("aft", "An Attention Free Transformer", 2021, "linear-rnn", ("mha",)),
+    Ancestor("mlp_mixer", "MLP-Mixer: An all-MLP Architecture for Vision", 2021, "mlp-mixer",
+             ("mha",)),
     Ancestor("gau", "Transformer Quality in Linear Time (FLASH)", 2022, "attention",
              ("mha",)),
     Ancestor("transnormer", "The Devil in Linear Transformer", 2022, "linear-attention",
