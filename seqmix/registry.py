@@ -205,6 +205,14 @@ def lineage_errors() -> list[str]:
   return errors
 
 
+SHARED_PREFIX = "shared:"
+
+
+def base_name(layer: str) -> str:
+  """The registered mixer of one expanded layer name ("shared:mha" -> "mha", "gla" -> "gla")."""
+  return layer[len(SHARED_PREFIX):] if layer.startswith(SHARED_PREFIX) else layer
+
+
 def expand_pattern(spec: str, n_layers: int) -> list[str]:
   """A layer spec -> one mixer name per layer.
 

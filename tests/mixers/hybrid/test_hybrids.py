@@ -1,0 +1,129 @@
+"""The hybrid layer patterns (samba, jamba, mamba2_hybrid, zamba): the layer lists their papers
+give (written out by hand), the configured attention members against a float64 formula, and one
+training step of a small model of each pattern. The shared protocol checks run each pattern as
+a `PatternStack` in tests/mixers/test_protocol.py."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from seqmix import registry
+from seqmix.mixers import testing as mt
+from seqmix.mixers.hybrid import samba
+from seqmix.models import lm
+from seqmix.testing import RTOL, assert_rel_close
+
+D, V = 32, 19
+
+
+def _swa_oracle(x, p, *, num_heads, num_kv_heads, window, rope=True, base=10000.0):
+  """Sliding-window causal softmax attention in float64, written from the paper's equation.
+
+  x [B,T,D]; p: q/k/v_proj kernels [D, H|G, Dh], o_proj [H, Dh, D]. Query t of head i sees keys
+  s with t − W < s ≤ t of kv head i // (H/G); RoPE rotate-half on every channel.
+  """
+  b, t, _ = x.shape
+  q = np.einsum("btd,dhk->bthk", x, p["q_proj"]["kernel"])
+  k = np.einsum("btd,dhk->bthk", x, p["k_proj"]["kernel"])
+  v = np.einsum("btd,dhk->bthk", x, p["v_proj"]["kernel"])
+  dh = q.shape[-1]
+  if rope:
+    theta = base ** (-np.arange(0, dh, 2) / dh)
+    ang = np.arange(t)[:, None, None] * theta                        # [t, 1, dh/2]
+
+    def rot(a):
+      a1, a2 = a[..., :dh // 2], a[..., dh // 2:]
+      return np.concatenate([a1 * np.cos(ang) - a2 * np.sin(ang),
+                             a2 * np.cos(ang) + a1 * np.sin(ang)], -1)
+    q, k = rot(q), rot(k)
+  o = np.zeros(q.shape)
+  for bi in range(b):
+    for i in range(num_heads):
+      g = i // (num_heads // num_kv_heads)
+      for tq in range(t):
+        keys = list(range(max(0, tq - window + 1), tq + 1))
+        logits = np.array([q[bi, tq, i] @ k[bi, s, g] for s in keys]) / np.sqrt(dh)
+        w = np.exp(logits - logits.max())
+        o[bi, tq, i] = (w / w.sum()) @ v[bi, keys, g]
+  return np.einsum("bthk,hkd->btd", o, p["o_proj"]["kernel"])
+
+
+def _check_member_formula(mod, *, num_heads, num_kv_heads, window, rope=True, t=20):
+  x = mt.random_inputs(0, 2, t, D)
+  params = mt.init_params(mod, x)
+  y, _ = jax.jit(lambda p_, x_: mod.apply({"params": p_}, x_))(params, x)
+  p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  want = _swa_oracle(np.asarray(x, np.float64), p64, num_heads=num_heads,
+                     num_kv_heads=num_kv_heads, window=window, rope=rope)
+  assert_rel_close(y, want, RTOL["float32"], f"{type(mod).__name__} vs formula")
+
+
+def _model(mixer, n_layers, mlp="swiglu", **kw):
+  members = {registry.base_name(m) for m in registry.expand_pattern(mixer, n_layers)}
+  kwargs = {m: dict(registry.get(m).test_kwargs) for m in members}
+  return lm.LanguageModel(vocab_size=V, d_model=D, n_layers=n_layers, mixer=mixer,
+                          mixer_kwargs=kwargs, mlp=mlp, max_len=32, **kw)
+
+
+def _tokens(seed=0, b=2, t=9):
+  return jnp.asarray(np.random.default_rng(seed).integers(0, V, (b, t)), jnp.int32)
+
+
+def _check_trains_a_step(model):
+  """One Adam step on a batch: finite loss, a nonzero gradient for every parameter leaf, and
+  a lower loss on the same batch after the step (one compiled function)."""
+  tokens = _tokens()
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), tokens)["params"])
+  opt = optax.adam(1e-2)
+
+  def loss(p):
+    logits = model.apply({"params": p}, tokens[:, :-1])[0]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+  @jax.jit
+  def step(p):
+    l0, g = jax.value_and_grad(loss)(p)
+    upd, _ = opt.update(g, opt.init(p), p)
+    return l0, g, loss(optax.apply_updates(p, upd))
+
+  l0, g, l1 = step(params)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(g)[0]:
+    leaf = np.asarray(leaf)
+    assert np.all(np.isfinite(leaf)), jax.tree_util.keystr(path)
+    assert np.any(leaf != 0), f"no gradient reaches {jax.tree_util.keystr(path)}"
+  assert np.isfinite(float(l0)) and float(l1) < float(l0), (float(l0), float(l1))
+  return params
+
+
+# Samba.
+
+
+def test_samba_layers_are_mamba_then_swa():
+  assert registry.get("samba").pattern == ("mamba", "samba_swa")
+  assert registry.expand_pattern("samba", 6) == ["mamba", "samba_swa"] * 3
+  assert registry.expand_pattern("samba", 3) == ["mamba", "samba_swa", "mamba"]
+  info = registry.get("samba")
+  assert info.family == "hybrid" and set(info.parents) == {"mamba", "samba_swa"}
+  assert info.constant_state is False  # the SWA ring buffer: W slots per attention layer
+
+
+def test_samba_swa_defaults_and_window_error():
+  m = samba.SambaSWA(d_model=D)
+  assert (m.window, m.num_kv_heads, m.rope_fraction, m.position) == (2048, None, 1.0, "rope")
+  assert m.init_cache(2, 100).k.shape == (2, 100, m.num_heads, D // m.num_heads)
+  assert m.init_cache(2, 5000).k.shape[1] == 2048      # a ring of `window` slots
+  with pytest.raises(ValueError, match="samba_swa: window=None"):
+    samba.SambaSWA(d_model=D, window=None).init_cache(1, 4)
+
+
+def test_samba_swa_equals_sliding_window_formula():
+  """T = 20 over a window of 4: every query past the fourth drops keys."""
+  _check_member_formula(samba.SambaSWA(d_model=D, num_heads=4, window=4), num_heads=4,
+                        num_kv_heads=4, window=4)
+
+
+def test_samba_model_trains_a_step():
+  _check_trains_a_step(_model("samba", 2))
