@@ -12,7 +12,7 @@ import pytest
 
 from seqmix import registry
 from seqmix.mixers import testing as mt
-from seqmix.mixers.hybrid import samba
+from seqmix.mixers.hybrid import jamba, mamba2_hybrid, samba
 from seqmix.models import lm
 from seqmix.testing import RTOL, assert_rel_close
 
@@ -127,3 +127,74 @@ def test_samba_swa_equals_sliding_window_formula():
 
 def test_samba_model_trains_a_step():
   _check_trains_a_step(_model("samba", 2))
+
+
+# Jamba.
+
+
+def test_jamba_layers_are_one_attention_in_eight():
+  m, a = "mamba", "jamba_attention"
+  assert registry.get("jamba").pattern == (m, m, m, m, a, m, m, m)
+  assert registry.expand_pattern("jamba", 16) == [m, m, m, m, a, m, m, m] * 2
+  assert registry.expand_pattern("jamba", 6) == [m, m, m, m, a, m]
+  assert registry.get("jamba").constant_state is False
+
+
+def test_jamba_attention_defaults():
+  m = jamba.JambaAttention(d_model=256)
+  assert (m.num_heads, m.num_kv_heads, m.position, m.window) == (32, 8, "none", None)
+  assert m.init_cache(1, 10).k.shape == (1, 10, 8, 8)     # full KV cache, 8 kv heads
+  assert registry.get("jamba_attention").needs_positions
+
+
+def test_jamba_attention_equals_nope_gqa_formula():
+  """No RoPE: a window larger than T makes the oracle plain causal attention."""
+  _check_member_formula(jamba.JambaAttention(d_model=D, num_heads=4, num_kv_heads=2),
+                        num_heads=4, num_kv_heads=2, window=10**6, rope=False)
+
+
+@pytest.mark.slow
+def test_jamba_model_trains_a_step():
+  _check_trains_a_step(_model("jamba", 5))
+
+
+# Mamba-2-Hybrid.
+
+
+def test_mamba2_hybrid_places_attention_by_depth():
+  """Attention indices written out from the rule by hand (mamba2_hybrid docstring)."""
+  def attn(n):
+    return [i for i, m in enumerate(registry.expand_pattern("mamba2_hybrid", n))
+            if m == "jamba_attention"]
+  # The paper's 56-layer model = 28 blocks: 4 attention mixers (7% of 56 layers).
+  assert attn(28) == [5, 11, 16, 22]
+  assert attn(12) == [3, 8]                # round(0.08·24) = 2; sections of 10/3 layers
+  assert attn(8) == [4] and attn(4) == [2]  # min 1; round(0.64) = 1
+  assert attn(2) == [1]                     # round(0.32) = 0 -> at least one
+  layers = registry.expand_pattern("mamba2_hybrid", 28)
+  assert set(layers) == {"mamba2", "jamba_attention"} and len(layers) == 28
+  assert layers[0] == layers[-1] == "mamba2"
+  assert registry.get("mamba2_hybrid").pattern == ("mamba2",) * 3 + ("jamba_attention",) + (
+      "mamba2",) * 3
+
+
+def test_mamba2_hybrid_must_be_the_whole_spec():
+  with pytest.raises(ValueError, match="places its layers by the depth"):
+    registry.expand_pattern("gla,mamba2_hybrid", 8)
+  with pytest.raises(ValueError, match="n_layers=0"):
+    mamba2_hybrid.layout(0)
+
+
+def test_register_pattern_checks_the_layout_members():
+  registry.names()
+  with pytest.raises(ValueError, match=r"layout\(1\) gives \['mha'\]"):
+    registry.register_pattern("test_only_layout", ("gla",), paper="t", year=2024, venue="t",
+                              op="none", layout=lambda n: ("mha",) * n)
+  assert "test_only_layout" not in registry.names()
+
+
+@pytest.mark.slow
+def test_mamba2_hybrid_model_trains_a_step():
+  model = _model("mamba2_hybrid", 3)
+  assert model.layer_mixers() == ["mamba2", "jamba_attention", "mamba2"]
+  _check_trains_a_step(model)
