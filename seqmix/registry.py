@@ -182,8 +182,12 @@ def names(*, include_patterns: bool = True) -> list[str]:
 
 
 def get(name: str) -> MixerInfo:
-  """The entry for `name`; an unknown name fails with the valid ones and the closest match."""
+  """The entry for `name`; an unknown name fails with the valid ones and the closest match.
+
+  A shared layer name "shared:<mixer>" (see `register_pattern`) gives <mixer>'s entry.
+  """
   _load_all()
+  name = base_name(name)
   if name not in _REGISTRY:
     close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""

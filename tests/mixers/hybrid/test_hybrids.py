@@ -12,7 +12,7 @@ import pytest
 
 from seqmix import registry
 from seqmix.mixers import testing as mt
-from seqmix.mixers.hybrid import jamba, mamba2_hybrid, samba
+from seqmix.mixers.hybrid import jamba, mamba2_hybrid, samba, zamba
 from seqmix.models import lm
 from seqmix.testing import RTOL, assert_rel_close
 
@@ -197,4 +197,97 @@ def test_register_pattern_checks_the_layout_members():
 def test_mamba2_hybrid_model_trains_a_step():
   model = _model("mamba2_hybrid", 3)
   assert model.layer_mixers() == ["mamba2", "jamba_attention", "mamba2"]
+  _check_trains_a_step(model)
+
+
+# Zamba and shared blocks.
+
+
+def test_zamba_layers_follow_the_released_config():
+  m, s = "mamba", "shared:zamba_attention"
+  assert registry.expand_pattern("zamba", 16) == [m, m, s] + [m] * 5 + [s] + [m] * 6 + [s]
+  assert registry.expand_pattern("zamba", 3) == [m, m, s]
+  assert registry.get("zamba").pattern == (m, m, s, m, m, m, m, m, s)
+  assert registry.get("shared:zamba_attention") is registry.get("zamba_attention")
+  with pytest.raises(ValueError, match="only a mixer can be shared"):
+    registry.expand_pattern("shared:griffin", 3)
+
+
+def test_zamba_attention_equals_nope_mha_formula():
+  _check_member_formula(zamba.ZambaAttention(d_model=D, num_heads=4), num_heads=4,
+                        num_kv_heads=4, window=10**6, rope=False)
+
+
+SHARED_SPEC, TIED_SPEC = "mha,shared:zamba_attention", "mha,zamba_attention"
+
+
+def _shared_pair(**kw):
+  """A 4-layer model mha, S, mha, S with one shared block and its unshared twin."""
+  return _model(SHARED_SPEC, 4, **kw), _model(TIED_SPEC, 4, **kw)
+
+
+def test_shared_block_params_exist_once():
+  shared, _ = _shared_pair(mlp="none", shared_mlp="gelu")
+  assert shared.layer_mixers() == ["mha", "shared:zamba_attention"] * 2
+  params = nn.meta.unbox(jax.eval_shape(shared.init, jax.random.key(0), _tokens())["params"])
+  assert sorted(params) == ["block_0", "block_2", "embed", "norm_final",
+                            "shared_zamba_attention"]
+  assert "mlp" not in params["block_0"] and "mlp" in params["shared_zamba_attention"]
+  assert params["shared_zamba_attention"]["mlp"]["wi"]["kernel"].shape[1] == 4 * D  # gelu: 4·D
+
+
+def test_shared_block_equals_tied_copies():
+  """The shared model == its unshared twin with the shared block's params copied into both
+  applications (logits), and its gradient == the sum of the twin's two gradients."""
+  shared, tied = _shared_pair()
+  tokens = _tokens()
+  p = mt.random_params(shared, tokens)
+  q = {k: v for k, v in p.items() if k != "shared_zamba_attention"}
+  q["block_1"] = q["block_3"] = p["shared_zamba_attention"]
+  ys, _ = jax.jit(shared.apply)({"params": p}, tokens)
+  yt, _ = jax.jit(tied.apply)({"params": q}, tokens)
+  assert_rel_close(ys, yt, RTOL["float32"], "shared vs tied copies")
+
+  def loss(model):
+    return lambda params: jnp.sum(jnp.sin(model.apply({"params": params}, tokens)[0]))
+  gs = jax.jit(jax.grad(loss(shared)))(p)["shared_zamba_attention"]
+  gt = jax.jit(jax.grad(loss(tied)))(q)
+  both = jax.tree.map(lambda a, b: a + b, gt["block_1"], gt["block_3"])
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(gs)[0], jax.tree.leaves(both)):
+    assert_rel_close(a, b, RTOL["float32"], f"grad {jax.tree_util.keystr(path)}")
+  one = jax.tree.leaves(gt["block_1"])[0]
+  assert np.abs(np.asarray(one)).max() > 0 and np.abs(np.asarray(jax.tree.leaves(
+      gt["block_3"])[0])).max() > 0  # both applications contribute
+
+
+def test_shared_block_decodes_with_a_cache_per_application():
+  shared, _ = _shared_pair(mlp="none", shared_mlp="swiglu")
+  tokens = _tokens()
+  p = mt.random_params(shared, tokens)
+  fwd = jax.jit(lambda p_, x, c=None: shared.apply({"params": p_}, x, cache=c))
+  want, _ = fwd(p, tokens)
+  for chunks in ([1] * tokens.shape[1], [4, 5]):
+    cache, out, start = shared.init_cache(tokens.shape[0], tokens.shape[1]), [], 0
+    for n in chunks:
+      y, cache = fwd(p, tokens[:, start:start + n], cache)
+      out.append(y)
+      start += n
+    assert_rel_close(jnp.concatenate(out, axis=1), want, RTOL["float32"], f"decode {chunks}")
+  # The two applications see different streams, so their KV caches differ.
+  assert not np.allclose(np.asarray(cache[1].mixer.k), np.asarray(cache[3].mixer.k))
+
+
+def test_shared_config_errors():
+  with pytest.raises(ValueError, match="scan_layers=True stacks one parameter set"):
+    _model(SHARED_SPEC, 4, scan_layers=True).layer_mixers()
+  with pytest.raises(ValueError, match="shared_mlp='gelu' is set but"):
+    _model("gla", 2, shared_mlp="gelu").layer_mixers()
+  with pytest.raises(ValueError, match="shared_mlp='moe' is not None or one of"):
+    _model(SHARED_SPEC, 2, shared_mlp="moe").layer_mixers()
+
+
+@pytest.mark.slow
+def test_zamba_model_trains_a_step():
+  model = _model("zamba", 4, mlp="none", shared_mlp="gelu")
+  assert model.layer_mixers() == ["mamba", "mamba", "shared:zamba_attention", "mamba"]
   _check_trains_a_step(model)
