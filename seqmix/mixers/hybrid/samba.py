@@ -29,7 +29,7 @@ PATTERN = ("mamba", "samba_swa")
 @registry.register(
     "samba_swa", paper=SAMBA_PAPER, year=2024, venue="arXiv", family="attention",
     op="attention.attention", parents=("mha",), constant_state=False,
-    test_kwargs={"num_heads": 4, "window": 4}, url=SAMBA_URL)
+    test_kwargs={"num_heads": 4, "window": 4}, url=SAMBA_URL, sequence_parallel=True)
 class SambaSWA(MHA):
   """Samba's sliding-window attention.  x [B, T, D] -> y [B, T, D].
 
