@@ -1,7 +1,7 @@
 """The hybrid layer patterns (samba, jamba, mamba2_hybrid, zamba): the layer lists their papers
 give (written out by hand), the configured attention members against a float64 formula, and one
 training step of a small model of each pattern. The shared protocol checks run each pattern as
-a `PatternStack` in tests/mixers/test_protocol.py."""
+a `PatternStack` in tests/mixers/test_protocol.py. The training steps run under `slow`."""
 
 import flax.linen as nn
 import jax
@@ -125,6 +125,7 @@ def test_samba_swa_equals_sliding_window_formula():
                         num_kv_heads=4, window=4)
 
 
+@pytest.mark.slow  # ~15 s of CPU each (Mamba's scan under grad); the protocol grads are default
 def test_samba_model_trains_a_step():
   _check_trains_a_step(_model("samba", 2))
 
