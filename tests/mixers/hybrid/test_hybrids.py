@@ -292,3 +292,16 @@ def test_zamba_model_trains_a_step():
   model = _model("zamba", 4, mlp="none", shared_mlp="gelu")
   assert model.layer_mixers() == ["mamba", "mamba", "shared:zamba_attention", "mamba"]
   _check_trains_a_step(model)
+
+
+def test_train_config_takes_kwargs_of_a_shared_member():
+  """model.mixer_kwargs names the shared block's mixer by its registry name."""
+  from experiments.configs import shakespeare_char  # pylint: disable=g-import-not-at-top
+  from seqmix.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  c = shakespeare_char.get_config("mixer=zamba,smoke")
+  c.model.n_layers, c.model.mlp, c.model.shared_mlp = 3, "none", "gelu"
+  c.model.mixer_kwargs = {"zamba_attention": {"num_heads": 2}}
+  config_lib.validate(c)
+  c.model.mixer_kwargs = {"mha": {"num_heads": 2}}
+  with pytest.raises(config_lib.ConfigError, match="not in the layer pattern"):
+    config_lib.validate(c)
