@@ -3,26 +3,29 @@ plus kNN attention over a non-differentiable memory of earlier (key, value) pair
 learned per-head gate.
 
 Segments are counted in positions, as in `transformer_xl`: token i (position p_i) lies in
-segment ⌊p_i / L⌋, which starts at s_i = L ⌊p_i / L⌋. With M_b = memory_size:
+segment ⌊p_i / L⌋, which starts at s_i = L ⌊p_i / L⌋. With M_b = memory_size and C = L
+(the Transformer-XL cache of the previous segment, `xl_cache=True`) or 0:
 
     q, k, v = x W_q, x W_k, x W_v                                              [B,T,H,Dh]
-    local(i, j)  = doc_j = doc_i,  j <= i,  i − j <= L − 1,  p_j >= s_i
-    memory(i, j) = doc_j = doc_i,  j <= i,  i − j <= L − 1 + M_b,  s_i − M_b <= p_j < s_i
+    local(i, j)  = doc_j = doc_i,  j <= i,  i − j <= L − 1 + C,  p_j >= s_i − C
+    memory(i, j) = doc_j = doc_i,  j <= i,  i − j <= L − 1 + C + M_b,
+                   s_i − C − M_b <= p_j < s_i − C
     A_loc_i = Σ_{local j} softmax_j(rope(q_i)·rope(k_j) / √Dh) v_j
     R_i     = the top_k entries j of memory(i, ·) by q_i·k_j (exact, seqmix.ops.retrieval)
     A_mem_i = Σ_{j ∈ R_i} softmax_j(q_i·SG(k_j) / √Dh) SG(v_j)     (0 when memory(i, ·) is empty)
     o_i = sigmoid(b) A_mem_i + (1 − sigmoid(b)) A_loc_i,   y_i = o_i W_o         b [H]
 
 The memory holds keys and values without positions (the paper's kNN memory has none) and is
-stop-gradient (the paper does not backpropagate into it). Simplifications, documented: the
-paper's local context also has a Transformer-XL cache and a T5 relative bias; here it is the
-current segment with RoPE. The bank is the last M_b tokens before the segment (the paper's
+stop-gradient (the paper does not backpropagate into it). The local context is the current
+segment and (xl_cache) the previous one, as the paper's; its T5 relative bias is replaced by
+RoPE (a documented simplification). The bank is the M_b tokens before the local context, so
+local and kNN attention never see the same token (the paper's
 memory is 8k-262k tokens and is searched with an approximate index on TPU; the exact top-k
-here holds the [T, M_b + L − 1 + T] scores of a call).
+here holds the [T, L − 1 + C + M_b + T] scores of a call).
 
 A call, with or without a cache, runs over [cache ring; new tokens] (the parallel form from
 the empty cache), so the parallel form costs O(T (T + M_b)) scores. The cache
-(`MemorizingCache`) is a ring of the last L − 1 + M_b tokens' keys (before RoPE), values,
+(`MemorizingCache`) is a ring of the last L − 1 + C + M_b tokens' keys (before RoPE), values,
 indices, positions and document ids: every key a later query can see.
 """
 
@@ -43,7 +46,7 @@ _MASKED = -1e30  # finite: every query sees itself locally, so no row is all-mas
 
 
 class MemorizingCache(NamedTuple):
-  k: jax.Array       # [B, S, H, Dh] keys before RoPE of the last S = L − 1 + M_b tokens (ring)
+  k: jax.Array       # [B, S, H, Dh] keys before RoPE of the last S = L − 1 + C + M_b tokens
   v: jax.Array       # [B, S, H, Dh] their values
   idx: jax.Array     # [B, S] int32 token index of each slot (−1: empty)
   pos: jax.Array     # [B, S] int32 positions
@@ -64,6 +67,7 @@ class Memorizing(MixerBase):
   segment_len: L (segments counted in positions, ⌊p / L⌋).
   memory_size: M_b, tokens before the segment that the kNN memory holds (>= top_k).
   top_k: entries retrieved per query and head (the paper: 32).
+  xl_cache: the local attention also sees the previous segment (C = L; the paper's XL cache).
   rope_base: RoPE base of the local attention.
   use_bias: biases on the projections.
   impl: the local `attention` impl; retrieval_impl: `retrieval.top_k` impl.
@@ -73,6 +77,7 @@ class Memorizing(MixerBase):
   segment_len: int = 512
   memory_size: int = 4096
   top_k: int = 32
+  xl_cache: bool = True
   rope_base: float = 10000.0
   use_bias: bool = False
   impl: str = "auto"
@@ -92,11 +97,12 @@ class Memorizing(MixerBase):
       raise ValueError(f"memory_size={self.memory_size!r} must be an int >= top_k="
                        f"{self.top_k} (the bank must hold the entries retrieved); raise it or "
                        f"lower top_k.")
-    return h, self.head_dim or self.d_model // h, self.segment_len - 1 + self.memory_size
+    c = self.segment_len if self.xl_cache else 0
+    return h, self.head_dim or self.d_model // h, c, self.segment_len - 1 + c + self.memory_size
 
   def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> MemorizingCache:
-    """A ring of L − 1 + memory_size slots (max_len is not needed)."""
-    h, dh, s = self._dims()
+    """A ring of L − 1 + C + memory_size slots (max_len is not needed)."""
+    h, dh, _, s = self._dims()
     z = jnp.zeros((batch_size, s), jnp.int32)
     return MemorizingCache(k=jnp.zeros((batch_size, s, h, dh), dtype),
                            v=jnp.zeros((batch_size, s, h, dh), dtype),
@@ -106,7 +112,7 @@ class Memorizing(MixerBase):
   @nn.compact
   def __call__(self, x, *, segment_ids=None, positions=None, cache=None, deterministic=True):
     """x [B,T,D] -> (y [B,T,D], MemorizingCache | None)."""
-    h, dh, look = self._dims()
+    h, dh, c, look = self._dims()
     seg_len, mem_size = self.segment_len, self.memory_size
     b, t, _ = x.shape
     x = x.astype(self.dtype)
@@ -136,8 +142,8 @@ class Memorizing(MixerBase):
     qi, qp, qs = index[:, :, None], pos[:, :, None], seg[:, :, None]      # [b, t, 1]
     first = (qp // seg_len) * seg_len
     same = (ki >= 0) & (ki <= qi) & (ks == qs)
-    local = same & (qi - ki <= seg_len - 1) & (kp >= first)               # [b, t, s + t]
-    memory = same & (qi - ki <= look) & (kp < first) & (kp >= first - mem_size)
+    local = same & (qi - ki <= seg_len - 1 + c) & (kp >= first - c)      # [b, t, s + t]
+    memory = same & (qi - ki <= look) & (kp < first - c) & (kp >= first - c - mem_size)
 
     bias = jnp.where(local[:, None], 0.0, _MASKED)                        # [b, 1, t, s + t]
     o_loc, _ = attention_op.attention(

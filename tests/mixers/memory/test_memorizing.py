@@ -23,7 +23,7 @@ def _softmax_avg(logits, vals):
   return (w / w.sum()) @ vals
 
 
-def _oracle(x, p, positions, seg, seg_len, mem_size, top_k):
+def _oracle(x, p, positions, seg, seg_len, mem_size, top_k, c):
   b, t, d = x.shape
   wq, wk, wv = (p[n]["kernel"] for n in ("q_proj", "k_proj", "v_proj"))
   wo, gate = p["o_proj"]["kernel"], 1 / (1 + np.exp(-p["gate"]))
@@ -36,9 +36,10 @@ def _oracle(x, p, positions, seg, seg_len, mem_size, top_k):
     ps, ss = positions[bi], seg[bi]
     for i in range(t):
       first = ps[i] // seg_len * seg_len
-      loc = [j for j in range(i + 1) if ss[j] == ss[i] and i - j <= seg_len - 1 and ps[j] >= first]
-      mem = [j for j in range(i + 1) if ss[j] == ss[i] and i - j <= seg_len - 1 + mem_size
-             and first - mem_size <= ps[j] < first]
+      loc = [j for j in range(i + 1) if ss[j] == ss[i] and i - j <= seg_len - 1 + c
+             and ps[j] >= first - c]
+      mem = [j for j in range(i + 1) if ss[j] == ss[i] and i - j <= seg_len - 1 + c + mem_size
+             and first - c - mem_size <= ps[j] < first - c]
       o = np.zeros((h, dh))
       for hh in range(h):
         qr = _rope(q[i, hh], ps[i])
@@ -54,10 +55,11 @@ def _oracle(x, p, positions, seg, seg_len, mem_size, top_k):
   return y
 
 
-@pytest.mark.parametrize("seg_len, mem_size, top_k, packed", [(4, 6, 3, False), (3, 5, 2, True),
-                                                              (4, 3, 3, True)])
-def test_matches_direct_formula(seg_len, mem_size, top_k, packed):
-  module = mt.build("memorizing", segment_len=seg_len, memory_size=mem_size, top_k=top_k)
+@pytest.mark.parametrize("seg_len, mem_size, top_k, packed, xl", [
+    (4, 6, 3, False, False), (3, 5, 2, True, True), (3, 3, 3, True, False), (2, 4, 2, False, True)])
+def test_matches_direct_formula(seg_len, mem_size, top_k, packed, xl):
+  module = mt.build("memorizing", segment_len=seg_len, memory_size=mem_size, top_k=top_k,
+                    xl_cache=xl)
   t = 14
   x = mt.random_inputs(0, 2, t)
   if packed:
@@ -71,12 +73,12 @@ def test_matches_direct_formula(seg_len, mem_size, top_k, packed):
                             positions=pos if packed else None)[0]
   p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
   want = _oracle(np.asarray(x, np.float64), p64, np.asarray(pos), np.asarray(seg), seg_len,
-                 mem_size, top_k)
+                 mem_size, top_k, seg_len if xl else 0)
   assert_rel_close(y, want, 1e-5, "memorizing vs direct formula")
 
 
 def test_memory_is_stop_gradient():
-  module = mt.build("memorizing", segment_len=4, memory_size=4, top_k=2)
+  module = mt.build("memorizing", segment_len=4, memory_size=4, top_k=2, xl_cache=False)
   x = mt.random_inputs(1, 2, 8)
   params = mt.init_params(module, x)
   w = mt.random_inputs(2, 2, 4)
