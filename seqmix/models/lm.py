@@ -55,11 +55,12 @@ NO_MIXER = "none"  # `mixer="none"`: blocks without token mixing (the ablation /
 # A stateful MLP also gets d_model, layer_idx and n_layers, the block's segment ids, and keeps
 # its own initialisation (RWKV's depth-dependent token-shift mix, orthogonal/zero kernels).
 MLPS: dict[str, type] = {"swiglu": mlp_lib.SwiGLU, "gelu": mlp_lib.GeluMLP,
+                         "gelu_tanh": mlp_lib.GeluTanhMLP,
                          "rwkv_channel_mix": rwkv_channel_mix.RWKVChannelMix}
 # Hidden width M = round(mlp_ratio · d_model) when mlp_ratio is None: GPT-2's 4 for GELU, and
 # 8/3 for SwiGLU (its three matrices then hold as many parameters as GELU's two at 4); RWKV-6's
 # channel mix: int(3.5 · D) rounded down to a multiple of 32 (`rwkv_hidden`).
-DEFAULT_MLP_RATIO = {"swiglu": 8 / 3, "gelu": 4.0}
+DEFAULT_MLP_RATIO = {"swiglu": 8 / 3, "gelu": 4.0, "gelu_tanh": 4.0}
 
 REMAT_POLICIES: dict[str, Callable | None] = {
     "full": None,  # save nothing, recompute the block in the backward pass
@@ -169,8 +170,9 @@ class LanguageModel(nn.Module):
     pattern repeated over the depth ("gla,gla,mha"), or "none" (blocks without token mixing).
   mixer_kwargs: mixer name -> dict of that mixer's hyperparameters (entries for mixers not in
     the pattern are allowed and unused, so a sweep can keep them all).
-  mlp: "swiglu" | "gelu" | "rwkv_channel_mix" (stateful, RWKV-6's) | "none".
-    mlp_ratio: hidden M = round(mlp_ratio · D); None -> 8/3 (swiglu), 4 (gelu), or RWKV-6's
+  mlp: "swiglu" | "gelu" (exact erf) | "gelu_tanh" (GPT-2's tanh approximation) |
+    "rwkv_channel_mix" (stateful, RWKV-6's) | "none".
+    mlp_ratio: hidden M = round(mlp_ratio · D); None -> 8/3 (swiglu), 4 (gelu, gelu_tanh), or RWKV-6's
     int(3.5 · D) rounded down to a multiple of 32 (rwkv_channel_mix).
   norm: "rmsnorm" | "layernorm". norm_eps: its epsilon.
   use_bias: biases in norms (layernorm) and MLPs (nanoGPT's `bias`).

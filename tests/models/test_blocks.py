@@ -71,3 +71,12 @@ def test_mlps_match_their_formulas():
   want = jax.nn.gelu(X @ k["wi"] + b["wi"], approximate=False) @ k["wo"] + b["wo"]
   assert_rel_close(y, want, RTOL["float32"], "gelu mlp")
   assert p["wi"]["kernel"].names == ("embed", "mlp") and p["wo"]["kernel"].names == ("mlp", "embed")
+
+
+def test_gelu_tanh_mlp_matches_gpt2_gelu_new():
+  y, p = _run(mlp.GeluTanhMLP(hidden=9, use_bias=True), X)
+  k = {n: np.asarray(v["kernel"].value, np.float64) for n, v in p.items()}
+  b = {n: np.asarray(v["bias"].value, np.float64) for n, v in p.items()}
+  h = np.asarray(X, np.float64) @ k["wi"] + b["wi"]
+  gelu_new = 0.5 * h * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (h + 0.044715 * h ** 3)))  # GPT-2
+  assert_rel_close(y, gelu_new @ k["wo"] + b["wo"], RTOL["float32"], "gelu_tanh mlp")

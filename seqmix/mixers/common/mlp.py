@@ -1,4 +1,5 @@
-"""Channel MLPs of a block: SwiGLU (LLaMA) and GELU (GPT-2 / nanoGPT).
+"""Channel MLPs of a block: SwiGLU (LLaMA) and GELU (GPT-2 / nanoGPT; `GeluTanhMLP` is GPT-2's
+tanh-approximate `gelu_new`).
 
 Both map x [B, T, D] -> [B, T, D] through a hidden width M and take `deterministic`
 for dropout. Kernels carry logical axes (embed, mlp) / (mlp, embed). `out_init` lets the
@@ -74,3 +75,11 @@ class GeluMLP(nn.Module):
     h = jax.nn.gelu(h, approximate=self.approximate)  # [b, t, m]
     y = _dense(x.shape[-1], axes.MLP, axes.EMBED, init=self.out_init, name="wo", **kw)(h)
     return nn.Dropout(self.dropout)(y, deterministic=deterministic)
+
+
+class GeluTanhMLP(GeluMLP):
+  """GeluMLP with the tanh approximation of GELU (GPT-2's `gelu_new`, Hugging Face's
+  `gelu_pytorch_tanh`): gelu(h) ≈ ½h(1 + tanh(√(2/π)(h + 0.044715h³))). The model's
+  mlp="gelu_tanh"; a separate name because the model builds MLPs from shared fields only.
+  """
+  approximate: bool = True
