@@ -15,10 +15,10 @@ import os
 
 import ml_collections
 
-from seqmix.convert import common, gpt2, llama, mamba
+from seqmix.convert import common, gpt2, llama, mamba, mamba2
 from seqmix.convert.common import TensorMismatch, load_state_dict  # noqa: F401
 
-FAMILIES = {"gpt2": gpt2, "llama": llama, "mamba": mamba}
+FAMILIES = {"gpt2": gpt2, "llama": llama, "mamba": mamba, "mamba2": mamba2}
 NOT_CONVERTED = {"recurrent_gemma": "RecurrentGemma", "rwkv": "RWKV-4 (HF's rwkv)",
                  "rwkv6": "RWKV-6"}
 
