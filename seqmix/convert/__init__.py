@@ -7,20 +7,20 @@
     convert.save_seqmix(cfg, params, "dir"); cfg, params = convert.load_seqmix("dir")
 
 Command line: `python -m seqmix.convert --from hf --path DIR --to DIR` and the reverse
-`--from seqmix`. Families (the HF `model_type`): gpt2, llama, mamba, mamba2; each module's
-docstring lists its tensor mapping. torch is never imported here: safetensors and NumPy only.
+`--from seqmix`. Families (the HF `model_type`): gpt2, llama, mamba, mamba2, recurrent_gemma;
+each module's docstring lists its tensor mapping. torch is never imported here: safetensors and NumPy only.
 """
 
 import os
 
 import ml_collections
 
-from seqmix.convert import common, gpt2, llama, mamba, mamba2
+from seqmix.convert import common, gpt2, llama, mamba, mamba2, recurrent_gemma
 from seqmix.convert.common import TensorMismatch, load_state_dict  # noqa: F401
 
-FAMILIES = {"gpt2": gpt2, "llama": llama, "mamba": mamba, "mamba2": mamba2}
-NOT_CONVERTED = {"recurrent_gemma": "RecurrentGemma", "rwkv": "RWKV-4 (HF's rwkv)",
-                 "rwkv6": "RWKV-6"}
+FAMILIES = {"gpt2": gpt2, "llama": llama, "mamba": mamba, "mamba2": mamba2,
+            "recurrent_gemma": recurrent_gemma}
+NOT_CONVERTED = {"rwkv": "RWKV-4 (HF's rwkv)", "rwkv6": "RWKV-6"}
 
 
 def _family_module(name: str):
@@ -33,13 +33,17 @@ def _family_module(name: str):
 
 def family_of(cfg) -> str:
   """The HF family a seqmix config maps to: mamba / mamba2 by mixer, gpt2 for attention with
-  learned positions, llama for attention with RoPE."""
+  learned positions, llama for attention with RoPE, recurrent_gemma for hawk / local_mqa
+  patterns."""
   if cfg.mixer in ("mamba", "mamba2"):
     return cfg.mixer
   if cfg.mixer == "mha":
     return "gpt2" if cfg.pos_embedding == "learned" else "llama"
+  if cfg.mixer in ("griffin", "hawk") or {n.strip() for n in cfg.mixer.split(",")} <= {
+      "hawk", "local_mqa"}:
+    return "recurrent_gemma"
   raise NotImplementedError(f"mixer={cfg.mixer!r} has no Hugging Face family to export to; "
-                            f"supported: mha (gpt2, llama), mamba, mamba2.")
+                            f"supported: mha (gpt2, llama), mamba, mamba2, hawk / local_mqa patterns (recurrent_gemma).")
 
 
 def config_from_hf(hf: dict) -> ml_collections.ConfigDict:

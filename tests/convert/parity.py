@@ -6,13 +6,16 @@ save_pretrained, converts the directory, and calls `check_family`:
   2. greedy continuations of 32 tokens with caches (HF `generate`, seqmix `generate`) agree;
   3. HF -> seqmix -> HF -> seqmix is the identity on params, and the exported directory loads
      into transformers with the same logits;
-  4. a seqmix-initialised model exported to HF gives transformers the same logits.
+  4. params with seqmix's own init tree (and new values) exported to HF give transformers the
+     logits seqmix computes.
 """
 
 import os
 
+import flax.linen as nn
 import jax
 import numpy as np
+from flax import traverse_util
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -54,17 +57,16 @@ def hf_greedy(model, prompts) -> np.ndarray:
 _JITTED = {}
 
 
-def _jitted(cfg, what: str):
-  """One compiled apply / init per config (the checks reuse it across params)."""
-  key = (repr(sorted(cfg.to_dict().items())), what)
+def _jitted(cfg):
+  """One compiled apply per config (the checks reuse it across params)."""
+  key = repr(sorted(cfg.to_dict().items()))
   if key not in _JITTED:
-    model = lm.from_config(cfg)
-    _JITTED[key] = jax.jit(model.apply if what == "apply" else model.init)
+    _JITTED[key] = jax.jit(lm.from_config(cfg).apply)
   return _JITTED[key]
 
 
 def seqmix_logits(cfg, params, tokens) -> np.ndarray:
-  logits, _ = _jitted(cfg, "apply")({"params": params}, np.asarray(tokens, np.int32))
+  logits, _ = _jitted(cfg)({"params": params}, np.asarray(tokens, np.int32))
   return np.asarray(logits)
 
 
@@ -98,8 +100,16 @@ def check_family(hf_model, tmp_path, vocab: int, *, seq_len: int = 20, prompt_le
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(out_dir).eval()
   np.testing.assert_allclose(hf_logits(reloaded, tokens), want, rtol=0, atol=0)
 
-  # seqmix-initialised params -> HF: transformers computes what seqmix computes.
-  init = common.unbox(_jitted(cfg, "init")(jax.random.key(1), tokens[:, :4])["params"])
+  # seqmix params -> HF: the converted tree is exactly the tree seqmix's init builds (checked
+  # by shapes, without compiling init), and new values in it (not from any HF model) give
+  # transformers the logits seqmix computes.
+  shapes = jax.eval_shape(lambda: nn.unbox(
+      lm.from_config(cfg).init(jax.random.key(1), tokens[:, :4])["params"]))
+  flat = lambda tree: {k: (tuple(v.shape), np.dtype(v.dtype))
+                       for k, v in traverse_util.flatten_dict(dict(tree)).items()}
+  assert flat(shapes) == flat(params)
+  noise = np.random.default_rng(1)
+  init = jax.tree.map(lambda x: (x + 0.1 * noise.standard_normal(x.shape)).astype(x.dtype), params)
   init_dir = os.path.join(tmp_path, "from_seqmix")
   convert.to_hf(cfg, init, init_dir, progress=False)
   theirs = hf_logits(transformers.AutoModelForCausalLM.from_pretrained(init_dir).eval(), tokens)

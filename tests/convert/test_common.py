@@ -21,9 +21,9 @@ def test_reader_names_missing_wrong_and_leftover_tensors():
 
 
 def test_unknown_family_names_the_supported_ones():
-  with pytest.raises(NotImplementedError, match=r"'recurrent_gemma' \(RecurrentGemma has no "
-                                                r"converter yet\).*\['gpt2', 'llama', 'mamba'"):
-    convert.config_from_hf({"model_type": "recurrent_gemma"})
+  with pytest.raises(NotImplementedError, match=r"'rwkv6' \(RWKV-6 has no converter yet\).*"
+                                                r"\['gpt2', 'llama', 'mamba'"):
+    convert.config_from_hf({"model_type": "rwkv6"})
 
 
 def test_missing_weights_say_local_files_only(tmp_path):
