@@ -62,11 +62,12 @@ NO_MIXER = "none"  # `mixer="none"`: blocks without token mixing (the ablation /
 # A stateful MLP also gets d_model, layer_idx and n_layers, the block's segment ids, and keeps
 # its own initialisation (RWKV's depth-dependent token-shift mix, orthogonal/zero kernels).
 MLPS: dict[str, type] = {"swiglu": mlp_lib.SwiGLU, "gelu": mlp_lib.GeluMLP,
+                         "gelu_tanh": mlp_lib.GeluTanhMLP, "geglu": mlp_lib.GeGLU,
                          "rwkv_channel_mix": rwkv_channel_mix.RWKVChannelMix}
 # Hidden width M = round(mlp_ratio · d_model) when mlp_ratio is None: GPT-2's 4 for GELU, and
 # 8/3 for SwiGLU (its three matrices then hold as many parameters as GELU's two at 4); RWKV-6's
 # channel mix: int(3.5 · D) rounded down to a multiple of 32 (`rwkv_hidden`).
-DEFAULT_MLP_RATIO = {"swiglu": 8 / 3, "gelu": 4.0}
+DEFAULT_MLP_RATIO = {"swiglu": 8 / 3, "geglu": 8 / 3, "gelu": 4.0, "gelu_tanh": 4.0}
 
 REMAT_POLICIES: dict[str, Callable | None] = {
     "full": None,  # save nothing, recompute the block in the backward pass
@@ -177,14 +178,19 @@ class LanguageModel(nn.Module):
     An entry "shared:<mixer>" makes those layers one shared block (module docstring).
   mixer_kwargs: mixer name -> dict of that mixer's hyperparameters (entries for mixers not in
     the pattern are allowed and unused, so a sweep can keep them all).
-  mlp: "swiglu" | "gelu" | "rwkv_channel_mix" (stateful, RWKV-6's) | "none".
-    mlp_ratio: hidden M = round(mlp_ratio · D); None -> 8/3 (swiglu), 4 (gelu), or RWKV-6's
+  mlp: "swiglu" | "geglu" (tanh-GELU gate: Gemma, Griffin) | "gelu" (exact erf) | "gelu_tanh"
+    (GPT-2's tanh approximation) | "rwkv_channel_mix" (stateful, RWKV-6's) | "none".
+    mlp_ratio: hidden M = round(mlp_ratio · D); None -> 8/3 (swiglu, geglu), 4 (gelu, gelu_tanh), or RWKV-6's
     int(3.5 · D) rounded down to a multiple of 32 (rwkv_channel_mix).
   shared_mlp: None (shared blocks use `mlp`), or the MLP of the "shared:<mixer>" blocks, with
     the same choices; its hidden width follows mlp_ratio the same way.
-  norm: "rmsnorm" | "layernorm". norm_eps: its epsilon.
+  norm: "rmsnorm" | "layernorm" | "rmsnorm_1p" (RMSNorm scaled by 1 + w, Gemma's). norm_eps: its
+    epsilon.
   use_bias: biases in norms (layernorm) and MLPs (nanoGPT's `bias`).
   tie_embeddings: the head is the transposed token embedding.
+  embed_scale: the token embeddings are multiplied by it (1; Gemma / RecurrentGemma: √D, which
+    transformers rounds to bfloat16 first).
+  logit_softcap: None, or c: logits = c · tanh(logits / c) (RecurrentGemma / Gemma 2: 30).
   pos_embedding: "none" | "learned" (absolute, added at the embedding; up to max_len).
   max_len: size of the learned position table.
   dropout: rate after the embedding and on each residual branch (training only).
@@ -207,6 +213,8 @@ class LanguageModel(nn.Module):
   norm_eps: float = 1e-6
   use_bias: bool = False
   tie_embeddings: bool = True
+  embed_scale: float = 1.0
+  logit_softcap: float | None = None
   pos_embedding: str = "none"
   max_len: int = 2048
   dropout: float = 0.0
@@ -237,6 +245,9 @@ class LanguageModel(nn.Module):
       raise ValueError(f"norm={self.norm!r} is not one of {sorted(norms.NORMS)}.")
     if self.pos_embedding not in ("none", "learned"):
       raise ValueError(f"pos_embedding={self.pos_embedding!r} is not 'none' or 'learned'.")
+    if self.logit_softcap is not None and not self.logit_softcap > 0:
+      raise ValueError(f"logit_softcap={self.logit_softcap} must be > 0 (RecurrentGemma: 30) "
+                       "or None (no cap).")
     if self.remat not in ("none", *REMAT_POLICIES):
       raise ValueError(f"remat={self.remat!r} is not one of {['none', *REMAT_POLICIES]}.")
     for name in self.mixer_kwargs or {}:
@@ -306,6 +317,8 @@ class LanguageModel(nn.Module):
                                                axes.VOCAB, axes.EMBED),
                      dtype=self.dtype, param_dtype=self.param_dtype, name="embed")
     x = embed(tokens)  # [b, t, d]
+    if self.embed_scale != 1.0:
+      x = x * jnp.asarray(self.embed_scale, x.dtype)
     if self.pos_embedding == "learned":
       if positions is None:
         if cache is not None:
@@ -360,7 +373,10 @@ class LanguageModel(nn.Module):
                         param_dtype=self.param_dtype,
                         kernel_init=axes.param(nn.initializers.normal(self.init_std),
                                                axes.EMBED, axes.VOCAB), name="head")(x)
-    return logits.astype(jnp.float32), new_cache
+    logits = logits.astype(jnp.float32)
+    if self.logit_softcap is not None:
+      logits = self.logit_softcap * jnp.tanh(logits / self.logit_softcap)
+    return logits, new_cache
 
   def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32):
     """Empty decoding caches: a tuple of BlockCache (one per block), or one BlockCache whose

@@ -63,6 +63,8 @@ class MHA(MixerBase):
     then keeps a ring buffer of W slots.
   qk_norm: RMSNorm (learned scale [Dh]) on every query and key head before RoPE.
   use_bias: biases on the q/k/v/output projections.
+  o_bias: None (default: as use_bias), or whether the output projection has a bias on its own
+    (RecurrentGemma: q/k/v without, output with).
   dropout: dropout rate on the attention output (before W_o); only when not deterministic
     (needs a "dropout" rng).
   attn_dropout: dropout rate on the attention probabilities (nanoGPT's attn_dropout); only
@@ -79,6 +81,7 @@ class MHA(MixerBase):
   window: int | None = None
   qk_norm: bool = False
   use_bias: bool = False
+  o_bias: bool | None = None
   dropout: float = 0.0
   attn_dropout: float = 0.0
   impl: str = "auto"
@@ -165,7 +168,8 @@ class MHA(MixerBase):
 
     if self.dropout > 0:
       o = nn.Dropout(self.dropout)(o, deterministic=deterministic)
-    y = nn.DenseGeneral(self.d_model, axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype,
+    o_bias = self.use_bias if self.o_bias is None else self.o_bias
+    y = nn.DenseGeneral(self.d_model, axis=(-2, -1), use_bias=o_bias, dtype=self.dtype,
                         param_dtype=self.param_dtype, name="o_proj",
                         kernel_init=axes.param(nn.initializers.lecun_normal(), axes.HEADS,
                                                axes.KV, axes.EMBED),
