@@ -32,7 +32,8 @@ here the dict carries it (key "max_position_embeddings", needed by dynamic, yarn
 rules, so any of them can be named in a config:
 
   "ntk"                NTK-aware (bloc97 2023): base' = base·α^(R/(R−2)), α = `factor`.
-  "abf"                adjusted base frequency (Xiong et al. 2024, Llama-2-Long): base' = `rope_theta`.
+  "abf"                adjusted base frequency (Xiong et al. 2024, Llama-2-Long):
+                       base' = `rope_theta`.
   "giraffe_power"      (Pal et al. 2023) θ_i = θ⁰_i · (1 − 2i/R)^k, k = `power`.
   "giraffe_truncated"  (Pal et al. 2023) θ_i = θ⁰_i if θ⁰_i ≥ b; ρ if a < θ⁰_i < b; 0 if θ⁰_i ≤ a.
 
