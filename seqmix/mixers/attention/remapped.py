@@ -14,8 +14,8 @@ all visible keys whose logit for key j is the one of the part j falls in. Masks 
 (documents restart them), causality and documents by token index and segment ids, as MHA.
 
 Decoding keeps `RemappedCache`: each key rotated at every version's position, the values, and
-each slot's token index, position and segment id (token n -> slot n; size the cache for the
-whole stream). The masks are dense [B,T,S] additive biases: this is the plain form (the papers'
+each slot's token index, position and segment id (by default token n -> slot n: size the cache
+for the whole stream; `SinkWindowAttention` keeps a bounded cache of sinks + a ring). The masks are dense [B,T,S] additive biases: this is the plain form (the papers'
 kernels slice keys by chunk / window instead; not built here).
 """
 
@@ -58,6 +58,15 @@ class RemappedAttention(MHA):
   def parts(self, q_pos, k_pos):
     raise NotImplementedError
 
+  def cache_size(self, max_len: int) -> int:
+    """Slots of the decoding cache (default: max_len, token n -> slot n)."""
+    return max_len
+
+  def cache_slots(self, index, positions, size: int):
+    """Slot of each new token [B,T] (>= size: not kept). Default: its token index."""
+    del positions, size
+    return index
+
   def _check(self):
     name = type(self).__name__
     if self.position != "rope":
@@ -70,9 +79,10 @@ class RemappedAttention(MHA):
     return self._dims()
 
   def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> RemappedCache:
-    """Empty cache of max_len slots, V key versions."""
+    """Empty cache of `cache_size(max_len)` slots, V key versions."""
     _, g, dh = self._check()
     n_ver = len(self.key_positions(jnp.zeros((1, 1), jnp.int32)))
+    max_len = self.cache_size(max_len)
     return RemappedCache(k=jnp.zeros((batch_size, max_len, n_ver, g, dh), dtype),
                          v=jnp.zeros((batch_size, max_len, g, dh), dtype),
                          idx=jnp.full((batch_size, max_len), -1, jnp.int32),
@@ -111,10 +121,7 @@ class RemappedAttention(MHA):
     # [b, t, V, g, dh]
 
     if cache is None:
-      k_all, v_all, pos_all = k_ver, v, positions
-      seg = segment_ids
-      visible = None
-      new_cache = None
+      k_all, v_all, pos_all, seg, visible, new_cache = k_ver, v, positions, segment_ids, None, None
     else:
       seg = (jnp.zeros((b, t), jnp.int32) if segment_ids is None
              else segment_ids.astype(jnp.int32))
@@ -125,8 +132,9 @@ class RemappedAttention(MHA):
       seg_all = jnp.concatenate([cache.seg, seg], axis=1)
       k_idx, q_idx = idx_all[:, None, :], index[:, :, None]
       visible = (k_idx >= 0) & (k_idx <= q_idx) & (seg_all[:, None, :] == seg[:, :, None])
+      slots = self.cache_slots(index, positions, cache.k.shape[1])          # [b, t]
       rows = jnp.arange(b)[:, None]
-      put = lambda buf, new: buf.at[rows, index].set(new.astype(buf.dtype), mode="drop")
+      put = lambda buf, new: buf.at[rows, slots].set(new.astype(buf.dtype), mode="drop")
       new_cache = RemappedCache(k=put(cache.k, k_ver), v=put(cache.v, v),
                                 idx=put(cache.idx, index), pos=put(cache.pos, positions),
                                 seg=put(cache.seg, seg), length=cache.length + t)
@@ -149,3 +157,34 @@ class RemappedAttention(MHA):
                                                axes.KV, axes.EMBED),
                         bias_init=axes.param(nn.initializers.zeros, axes.EMBED))(o)
     return y, new_cache
+
+
+class SinkWindowAttention(RemappedAttention):
+  """Remapped attention that sees only "sink" keys (positions < `num_sinks()`) and the last
+  `recent()` tokens, so decoding keeps a bounded cache (StreamingLLM, LM-Infinite).
+
+  Cache of S + W slots: the token at position p < S goes to sink slot p (a later document's
+  p-th token replaces it; the earlier document is never read again, documents being
+  contiguous in the stream); any other token n to ring slot S + (n mod W), which holds the
+  last W tokens (sinks leave holes). Subclasses' `parts` must make every non-sink key at
+  distance >= W invisible.
+  """
+
+  def num_sinks(self) -> int:
+    raise NotImplementedError
+
+  def recent(self) -> int:
+    raise NotImplementedError
+
+  def cache_size(self, max_len: int) -> int:
+    return self.num_sinks() + self.recent()
+
+  def cache_slots(self, index, positions, size: int):
+    s, w = self.num_sinks(), self.recent()
+    t = index.shape[1]
+    later = jnp.arange(t)[None, :, None] < jnp.arange(t)[None, None, :]              # [1, t, t]
+    repeated = jnp.any(later & (positions[:, :, None] == positions[:, None, :]), -1)  # [b, t]
+    sink_slot = jnp.where(repeated, size, positions)        # only the last of a position stays
+    recent = index > index[:, -1:] - w                      # the chunk's last w tokens
+    ring_slot = jnp.where(recent, s + index % w, size)
+    return jnp.where(positions < s, sink_slot, ring_slot)

@@ -1,6 +1,7 @@
 """A float64 NumPy oracle for attention whose RoPE positions depend on the (query, key) pair:
-`pair_positions(i_pos, j_pos) -> (query position, key position)` written per test from the
-paper's rule, evaluated one pair at a time (no masks, no lse merge)."""
+`pair_positions(i_pos, j_pos) -> (query position, key position)`, or None where the key is
+not visible, written per test from the paper's rule and evaluated one pair at a time (no
+masks, no lse merge)."""
 
 import numpy as np
 
@@ -30,11 +31,14 @@ def remapped_attention(params, x, pair_positions, positions=None, segment_ids=No
     for hi in range(h):
       gi = hi // (h // g)
       for i in range(t):
-        keys = [j for j in range(i + 1) if seg[bi, j] == seg[bi, i]]
-        logits = []
-        for j in keys:
-          pq, pk = pair_positions(int(pos[bi, i]), int(pos[bi, j]))
-          logits.append(rope64(q[bi, i, hi], pq) @ rope64(k[bi, j, gi], pk) / np.sqrt(dh))
+        keys, logits = [], []
+        for j in range(i + 1):
+          pair = pair_positions(int(pos[bi, i]), int(pos[bi, j]))
+          if seg[bi, j] != seg[bi, i] or pair is None:
+            continue
+          keys.append(j)
+          logits.append(rope64(q[bi, i, hi], pair[0]) @ rope64(k[bi, j, gi], pair[1])
+                        / np.sqrt(dh))
         w = np.exp(np.array(logits) - max(logits))
         w /= w.sum()
         o[bi, i, hi] = sum(wj * v[bi, j, gi] for wj, j in zip(w, keys))
