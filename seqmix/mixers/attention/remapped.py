@@ -1,10 +1,11 @@
 """Attention with remapped RoPE positions, merged over disjoint key sets (the building block of
-Self-Extend and Dual Chunk Attention; not registered itself).
+Self-Extend, Dual Chunk Attention, StreamingLLM and LM-Infinite; not registered itself).
 
 A subclass names, for query positions p_q [B,T] and key positions p_k [B,S]:
   `key_positions(p)`   the positions the keys are rotated at, one per key "version" (V ≥ 1);
   `parts(p_q, p_k)`    a list of (query positions, key version, mask [B,T,S]) whose masks
-                       partition the causal, same-document key set of every query.
+                       are disjoint subsets of the causal, same-document keys of each query
+                       (keys in no part are not seen; every query's own key is in a part).
 Each part is an attention over its keys with RoPE at the remapped positions,
 
     o_p, lse_p = blockwise_attention(rope(q, qpos_p), rope(k, kpos_{v_p}), v | causal, mask_p)
@@ -15,8 +16,9 @@ all visible keys whose logit for key j is the one of the part j falls in. Masks 
 
 Decoding keeps `RemappedCache`: each key rotated at every version's position, the values, and
 each slot's token index, position and segment id (by default token n -> slot n: size the cache
-for the whole stream; `SinkWindowAttention` keeps a bounded cache of sinks + a ring). The masks are dense [B,T,S] additive biases: this is the plain form (the papers'
-kernels slice keys by chunk / window instead; not built here).
+for the whole stream; `SinkWindowAttention` keeps a bounded cache of sinks + a ring). The
+masks are dense [B,T,S] additive biases: this is the plain form (the papers' kernels slice
+keys by chunk / window instead; not built here).
 """
 
 from typing import NamedTuple
