@@ -21,12 +21,14 @@ def _theta(base=BASE, r=R):
   return base ** (-np.arange(0, r, 2, dtype=np.float64) / r)
 
 
-def _hf_yarn(factor, l0, beta_fast=32.0, beta_slow=1.0):
+def _hf_yarn(factor, l0, beta_fast=32.0, beta_slow=1.0, truncate=True):
   """YaRN as HF writes it, from the paper's definitions: the dimension at which a wavelength
   makes `n` rotations over l0, a linear ramp between the two, blended frequencies."""
   dim_of = lambda n: R * np.log(l0 / (n * 2 * np.pi)) / (2 * np.log(BASE))
-  lo = max(np.floor(dim_of(beta_fast)), 0)
-  hi = min(np.ceil(dim_of(beta_slow)), R - 1)
+  lo, hi = dim_of(beta_fast), dim_of(beta_slow)
+  if truncate:
+    lo, hi = np.floor(lo), np.ceil(hi)
+  lo, hi = max(lo, 0), min(hi, R - 1)
   if lo == hi:
     hi += 0.001
   extrap = 1 - np.clip((np.arange(R // 2) - lo) / (hi - lo), 0, 1)
@@ -69,6 +71,9 @@ TABLE = {
         {"rope_type": "yarn", "factor": 8.0, "beta_fast": 16.0, "beta_slow": 2.0,
          "attention_factor": 1.5, "max_position_embeddings": L0}, None,
         _hf_yarn(8.0, L0, 16.0, 2.0), 1.5),
+    "yarn_no_truncate": ({"rope_type": "yarn", "factor": 4.0, "truncate": False,
+                          "max_position_embeddings": L0}, None,
+                         _hf_yarn(4.0, L0, truncate=False), 1.1386294361119890),
     # original given: factor = 8192/2048 = 4 overrides "factor"; mscale ratio
     # (0.1·1·ln4 + 1)/(0.1·0.5·ln4 + 1)
     "yarn_original_mscale": (
