@@ -28,7 +28,8 @@ transformers' `modeling_rope_utils` computes them for the same dict. With θ⁰_
 
 Hugging Face reads `max_position_embeddings` from the model config, not from `rope_scaling`;
 here the dict carries it (key "max_position_embeddings", needed by dynamic, yarn and longrope).
-"type" is accepted for "rope_type" (older HF configs). seqmix adds rope types for the other
+"type" is accepted for "rope_type" (older HF configs), and a "rope_theta" key (transformers v5
+`rope_parameters`) replaces `base` for every type. seqmix adds rope types for the other
 rules, so any of them can be named in a config:
 
   "ntk"                NTK-aware (bloc97 2023): base' = base·α^(R/(R−2)), α = `factor`.
@@ -168,9 +169,10 @@ def rope_parameters(rope_scaling, rot_dim: int, base: float = 10000.0, *, seq_le
   kind = rope_type(rope_scaling)
   if rot_dim < 2 or rot_dim % 2:
     raise ValueError(f"rot_dim={rot_dim} must be a positive even number of rotated channels.")
+  cfg = rope_scaling or {}
+  base = float(cfg.get("rope_theta") or base)   # transformers v5 `rope_parameters` carry it
   if base <= 1.0:
     raise ValueError(f"RoPE base={base} must be > 1 (10000 in the paper).")
-  cfg = rope_scaling or {}
   f32 = lambda a: jnp.asarray(a, jnp.float32)
   if kind == "default":
     return f32(_default_np(rot_dim, base)), 1.0
@@ -178,8 +180,8 @@ def rope_parameters(rope_scaling, rot_dim: int, base: float = 10000.0, *, seq_le
     return f32(_default_np(rot_dim, base) / float(cfg["factor"])), 1.0
   if kind == "ntk":
     return f32(_default_np(rot_dim, ntk_aware_base(base, cfg["factor"], rot_dim))), 1.0
-  if kind == "abf":
-    return f32(_default_np(rot_dim, cfg["rope_theta"])), 1.0
+  if kind == "abf":   # base already replaced by rope_theta above
+    return f32(_default_np(rot_dim, base)), 1.0
   if kind == "giraffe_power":
     return f32(giraffe_power(rot_dim, base, cfg["power"])), 1.0
   if kind == "giraffe_truncated":

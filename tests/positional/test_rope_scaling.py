@@ -93,6 +93,9 @@ TABLE = {
     # NTK-aware: base · α^(R/(R−2))
     "ntk": ({"rope_type": "ntk", "factor": 4.0}, None, _theta(10000.0 * 4.0 ** (16 / 14)), 1.0),
     "abf": ({"rope_type": "abf", "rope_theta": 500000.0}, None, _theta(500000.0), 1.0),
+    # transformers v5 style: rope_theta inside the dict replaces the base
+    "linear_v5_rope_theta": ({"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0},
+                             None, _theta(500000.0) / 2, 1.0),
     "giraffe_power": ({"rope_type": "giraffe_power", "power": 0.5}, None,
                       _theta() * (1 - 2 * np.arange(R // 2) / R) ** 0.5, 1.0),
     "giraffe_truncated": ({"rope_type": "giraffe_truncated", "a": 0.002, "b": 0.1,
