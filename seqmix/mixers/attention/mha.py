@@ -31,6 +31,7 @@ from seqmix.ops import attention as attention_op
 from seqmix.parallel import axes
 from seqmix.parallel import dispatch
 from seqmix.positional import alibi, rope
+from seqmix.positional import rope_scaling as rope_scaling_lib
 
 POSITIONS = ("rope", "alibi", "none")
 
@@ -59,6 +60,7 @@ class MHA(MixerBase):
   position: "rope" | "alibi" | "none" (learned absolute positions are the model's job).
   rope_base: RoPE base (10000). rope_fraction: share of each head's channels that rotate
     (rotate-half layout, see `seqmix.positional.rope`).
+  rope_scaling: None, or a Hugging Face `rope_scaling` dict (`seqmix.positional.rope_scaling`).
   window: None, or W: each token attends to itself and the W − 1 tokens before it; decoding
     then keeps a ring buffer of W slots.
   qk_norm: RMSNorm (learned scale [Dh]) on every query and key head before RoPE.
@@ -78,6 +80,7 @@ class MHA(MixerBase):
   position: str = "rope"
   rope_base: float = 10000.0
   rope_fraction: float = 1.0
+  rope_scaling: dict | None = None
   window: int | None = None
   qk_norm: bool = False
   use_bias: bool = False
@@ -101,6 +104,7 @@ class MHA(MixerBase):
                        "positions belong to the model (pos_embedding='learned').")
     if self.position == "rope":
       rope.rotary_dim(dh, self.rope_fraction)
+      rope_scaling_lib.rope_type(self.rope_scaling)
     if self.window is not None and self.window < 1:
       raise ValueError(f"window={self.window} must be >= 1 (keys a token sees, itself "
                        "included) or None.")
@@ -151,8 +155,8 @@ class MHA(MixerBase):
     index = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]     # [b, t] token index
     positions = index if positions is None else positions.astype(jnp.int32)
     if self.position == "rope":
-      q = rope.apply_rope(q, positions, base=self.rope_base, fraction=self.rope_fraction)
-      k = rope.apply_rope(k, positions, base=self.rope_base, fraction=self.rope_fraction)
+      rot = dict(base=self.rope_base, fraction=self.rope_fraction, rope_scaling=self.rope_scaling)
+      q, k = rope.apply_rope(q, positions, **rot), rope.apply_rope(k, positions, **rot)
     slopes = alibi.alibi_slopes(h) if self.position == "alibi" else None
 
     if cache is None:
