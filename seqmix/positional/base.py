@@ -72,6 +72,15 @@ class PositionalInfo:
 _REGISTRY: dict[str, PositionalInfo] = {}
 _LOADED = False
 
+# Build-table rows (CATALOG.md section 6, positional encodings) that are not built yet:
+# asking for one raises NotImplementedError naming what exists.
+NOT_BUILT = {
+    "3d_rpe": "3D-RPE (Ma+ 2024): rotary encoding on a Bloch sphere",
+    "coca": "CoCA (Zhu+ 2023): collinear constrained attention",
+    "trf": "the TRF extrapolation conditions and their derived RPEs (Qin+ AAAI'24)",
+    "attention_alignment": "attention alignment / T5-bias temperature (Chi+ 2023)",
+}
+
 
 class PositionalComponent(nn.Module):
   """Base: no rotation, no bias (subclasses override `rotate` and/or `bias`).
@@ -142,6 +151,9 @@ def names() -> list[str]:
 def get(name: str) -> PositionalInfo:
   """The entry for `name`; an unknown name fails listing the registered ones."""
   _load_all()
+  if name in NOT_BUILT:
+    raise NotImplementedError(f"position={name!r} ({NOT_BUILT[name]}) is not built yet; "
+                              f"registered components: {', '.join(names())}.")
   if name not in _REGISTRY:
     close = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
