@@ -76,7 +76,6 @@ _LOADED = False
 # asking for one raises NotImplementedError naming what exists.
 NOT_BUILT = {
     "3d_rpe": "3D-RPE (Ma+ 2024): rotary encoding on a Bloch sphere",
-    "coca": "CoCA (Zhu+ 2023): collinear constrained attention",
     "trf": "the TRF extrapolation conditions and their derived RPEs (Qin+ AAAI'24)",
     "attention_alignment": "attention alignment / T5-bias temperature (Chi+ 2023)",
 }

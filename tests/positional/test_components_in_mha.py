@@ -4,7 +4,9 @@ length (T = 40 starting at position 1000), with grouped kv heads; causality and 
 isolation through the shared protocol checks (seqmix.mixers.testing). A sample runs in the
 default suite; every component runs under `-m slow`."""
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from seqmix.mixers import testing as mt
@@ -64,3 +66,32 @@ def test_split_prefill_and_window_ring_buffer(name):
   y, _ = run(x[:, :20], positions=pos[:, :20])
   assert_rel_close(run.decode(x[:, :20], positions=pos[:, :20]), y, RTOL["float32"],
                    f"{name}: ring decode")
+
+
+def test_mha_with_kerple_equals_biased_attention_formula():
+  """The wiring, against float64 numpy: mha adds the component's bias once, per query head
+  (GQA: head i reads kv head i // 2), at the caller's positions (restarting per document),
+  with a window; the KERPLE values come from the formula, not the component."""
+  mod = MHA(d_model=mt.D_MODEL, num_heads=4, num_kv_heads=2, position="kerple_log", window=5)
+  x = mt.random_inputs(0, 2, 12)
+  params = mt.init_params(mod, x)
+  seg = np.array([[1] * 5 + [2] * 7, [1] * 12])
+  pos = np.array([list(range(5)) + list(range(7)), list(range(100, 112))])
+  y, _ = mt.Runner(mod, params)(x, segment_ids=jnp.asarray(seg), positions=jnp.asarray(pos))
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  x64 = np.asarray(x, np.float64)
+  q, k, v = (np.einsum("btd,dhk->bthk", x64, p[n]["kernel"]) for n in ("q_proj", "k_proj",
+                                                                          "v_proj"))
+  r1 = np.maximum(p["positional"]["r1"], 1e-2)
+  r2 = np.maximum(p["positional"]["r2"], 1e-2)
+  o = np.zeros(q.shape)
+  for b in range(2):
+    for h in range(4):
+      for t in range(12):
+        keys = [s for s in range(t + 1) if seg[b, s] == seg[b, t] and s > t - 5]
+        lg = np.array([q[b, t, h] @ k[b, s, h // 2] / np.sqrt(8)
+                       - r1[h] * np.log(1 + r2[h] * (pos[b, t] - pos[b, s])) for s in keys])
+        w = np.exp(lg - lg.max())
+        o[b, t, h] = (w / w.sum()) @ v[b, keys, h // 2]
+  want = np.einsum("bthk,hkd->btd", o, p["o_proj"]["kernel"])
+  assert_rel_close(y, want, RTOL["float32"], "mha(kerple_log) vs formula")

@@ -24,8 +24,8 @@ def test_every_entry_has_paper_equation_and_sound_parents():
 def test_unknown_name_lists_registered_ones():
   with pytest.raises(ValueError, match=r"position='kerple'.*Did you mean.*Registered: .*t5"):
     base.get("kerple")
-  with pytest.raises(NotImplementedError, match=r"position='coca'.*not built.*kerple_log"):
-    base.get("coca")
+  with pytest.raises(NotImplementedError, match=r"position='3d_rpe'.*not built.*kerple_log"):
+    base.get("3d_rpe")
   x = jnp.zeros((1, 4, 32))
   with pytest.raises(ValueError, match=r"position='learned'.*pos_embedding='learned'"):
     MHA(d_model=32, position="learned").init(jax.random.key(0), x)

@@ -106,3 +106,31 @@ def test_nope_is_the_identity():
   comp = base.build("nope", num_heads=4, head_dim=12, module_name=None)
   q2, k2 = comp.apply({}, q, k, POS, method="rotate")
   assert q2 is q and k2 is k and not comp.BIAS
+
+
+def test_coca_logits_match_collinear_formula():
+  """q'_n · k'_s equals Σ_i t_s^i |q_n^i|² cos((n − s)θ_i) + the pass-through channels."""
+  q, k = _qk(5)
+  comp = base.build("coca", num_heads=4, head_dim=12, rope_base=100.0, rope_fraction=0.5,
+                    module_name=None)
+  q2, k2 = comp.apply({}, jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32),
+                      jnp.asarray(POS), method="rotate")
+  got = np.einsum("bthd,bshd->bhts", np.asarray(q2, np.float64),
+                  np.repeat(np.asarray(k2, np.float64), 2, axis=2))
+  r, half = 6, 3
+  theta = 100.0 ** (-np.arange(0, r, 2) / r)
+  want = np.zeros(got.shape)
+  for b in range(2):
+    for h in range(4):
+      for n in range(5):
+        for s in range(5):
+          qn, ks = q[b, n, h], k[b, s, h // 2]
+          mag = qn[:half] ** 2 + qn[half:r] ** 2
+          t = np.maximum((ks[:half] + ks[half:r]) / 2, 0)
+          cosd = np.cos((POS[b, n] - POS[b, s]) * theta)
+          want[b, h, n, s] = np.sum(t * mag * cosd) + qn[r:] @ ks[r:]
+  # Angles at positions up to 2000 in float32 (see TOL_FAR), times |q|²·t = O(10).
+  np.testing.assert_allclose(got, want, rtol=1e-3, atol=5e-2)
+  small = SMALL[:, :, None] & SMALL[:, None, :]
+  np.testing.assert_allclose(got.transpose(0, 2, 3, 1)[small], want.transpose(0, 2, 3, 1)[small],
+                             rtol=1e-5, atol=1e-4)
