@@ -5,6 +5,8 @@ QK-norm.
     q = x W_q [B,T,H,Dh],  k = x W_k, v = x W_v [B,T,G,Dh]     (G = num_kv_heads; H % G == 0)
     q, k <- RMSNorm_head(q), RMSNorm_head(k)                   (qk_norm)
     q, k <- rope(q, positions), rope(k, positions)              (position="rope")
+    q, k <- c.rotate(q, k, positions); bias <- c.bias(...)      (another registered component c,
+                                                                 seqmix.positional.base)
     o = softmax(Dh^-1/2 q kᵀ + alibi | causal, window, segments) v   (seqmix.ops.attention)
     y = dropout(o) W_o
 
@@ -42,8 +44,8 @@ class MHACache(NamedTuple):
   k: jax.Array       # [B, S, G, Dh] keys (RoPE applied), cache dtype
   v: jax.Array       # [B, S, G, Dh] values, cache dtype
   idx: jax.Array     # [B, S] int32 token index held by each slot (−1: empty)
-  pos: jax.Array     # [B, S] int32 position of each slot's token for the bias (ALiBi distances;
-                       # a component's bias_positions, e.g. BiPE's sentence index)
+  pos: jax.Array     # [B, S] int32 position of each slot's token as the bias sees it (ALiBi
+                     # distances; a component's bias_positions, e.g. BiPE's sentence index)
   seg: jax.Array     # [B, S] int32 segment id of each slot's token
   length: jax.Array  # [B] int32 tokens seen so far (the next token's index)
 
