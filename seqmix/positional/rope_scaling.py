@@ -274,4 +274,7 @@ def base_for_context(target_len: int, rot_dim: int, train_len: int,
   if target_len <= 2 * math.pi:
     raise ValueError(f"target_len={target_len} must exceed 2π.")
   d_extra = critical_dimension(rot_dim, pretrain_base, train_len)
+  if d_extra <= 0:
+    raise ValueError(f"train_len={train_len} gives no channel a full period at base "
+                     f"{pretrain_base} (critical dimension 0); the rule needs train_len > 2π.")
   return (target_len / (2 * math.pi)) ** (rot_dim / d_extra)
