@@ -11,8 +11,9 @@ import pytest
 from seqmix import registry
 
 # The registered layer patterns and their decoding state: hawk and local_mqa keep a window
-# KV cache (griffin), mLSTM and sLSTM fixed-size states (xlstm).
-PATTERN_CONSTANT_STATE = {"griffin": False, "xlstm": True}
+# KV cache (griffin), mLSTM and sLSTM fixed-size states (xlstm); samba_swa a window KV cache.
+PATTERN_CONSTANT_STATE = {"griffin": False, "xlstm": True, "samba": False,
+                          "jamba": False, "mamba2_hybrid": False, "zamba": False}
 
 
 @pytest.mark.parametrize("wrong, closest", [("mhaa", "mha"), ("retnett", "retnet"),
