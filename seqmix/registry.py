@@ -57,10 +57,11 @@ EXTERNAL_ANCESTORS: dict[str, Ancestor] = {a.name: a for a in (
     Ancestor("transnormer", "The Devil in Linear Transformer", 2022, "linear-attention",
              ("linear_transformer",)),
     Ancestor("ckconv", "CKConv: Continuous Kernel Convolution For Sequential Data", 2021,
-             "long-conv"),
+             "long-conv", ("wavenet",)),
     Ancestor("monarch", "Monarch: Expressive Structured Matrices for Efficient and Accurate "
              "Training", 2022, "long-conv"),
-    Ancestor("s2mlp", "S²-MLP: Spatial-Shift MLP Architecture for Vision", 2021, "long-conv"),
+    Ancestor("s2mlp", "S²-MLP: Spatial-Shift MLP Architecture for Vision", 2021, "long-conv",
+             ("mlp_mixer",)),
     Ancestor("wavenet", "WaveNet: A Generative Model for Raw Audio", 2016, "long-conv"),
 )}
 

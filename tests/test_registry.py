@@ -97,7 +97,9 @@ EXPECTED_EDGES = [("linear_transformer", "retnet"), ("retnet", "gla"), ("gla", "
                   ("hawk", "griffin"), ("rwkv4", "rwkv6"), ("lstm", "slstm"),
                   ("lstm", "mlstm"), ("mlstm", "xlstm"), ("slstm", "xlstm")]
 # The architectures with no parents: a new mixer must name what it builds on.
-ROOTS = {"mha", "rnn", "fast_weights", "hippo"}
+# The roots of the family tree: attention, recurrence, fast weights, continuous-time memory,
+# dilated causal convolution (the long-conv lane) and structured matrices (Monarch, M2).
+ROOTS = {"mha", "rnn", "fast_weights", "hippo", "wavenet", "monarch"}
 
 
 def _parents(name):
