@@ -44,7 +44,7 @@ class TOVACache(NamedTuple):
 
 @registry.register(
     "tova", paper="Transformers are Multi-State RNNs", year=2024, venue="arXiv",
-    family="attention", op="attention softmax per step + argmin eviction (lax.scan)",
+    family="attention", op="per-step softmax over a fixed cache + argmin eviction (a scan over tokens)",
     parents=("mha",), constant_state=True,
     test_kwargs={"num_heads": 4, "num_kv_heads": 2, "cache_size": 4},
     url="https://arxiv.org/abs/2401.06104")
