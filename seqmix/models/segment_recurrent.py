@@ -32,8 +32,10 @@ Configurations (the memory-family rows of CATALOG.md section 6 built so far): th
 linear memory), `memorizing` (kNN memory, `seqmix.ops.retrieval`) and `landmark` (a full KV
 cache gated per block), each in a LanguageModel with segment_len = the mixer's segment
 length; and `seqmix.models.rmt.RecurrentMemoryTransformer` (memory tokens, model-level).
-Their parallel forms already compute the segment recurrence exactly; run_segments is what
-bounds the memory of a long evaluation (each call sees L tokens plus the cache).
+The four mixers' parallel forms equal their segment-by-segment runs (the protocol's split
+prefill), so run_segments is what bounds the work of a long evaluation (each call sees L
+tokens plus the cache); RMT exists only segment by segment (with cache=None it is one
+segment read from its learned initial memory).
 
 The loop is a `lax.scan` over segments (one compiled segment step), so the memory's
 structure must be the same after every segment, which a protocol cache is. Memory use for
