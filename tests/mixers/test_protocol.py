@@ -47,7 +47,8 @@ CROSS_T, CROSS_CHUNK, CROSS_FIRST, CROSS_SPLIT = 40, 16, 21, 27
 # mixers' scans are forced to impl="chunked" (name -> the field holding the scan's impl).
 CHUNKED_SCAN_FIELD = {"hawk": "impl", "hgrn": "impl", "mingru": "impl", "minlstm": "impl",
                       "lru": "impl", "s5": "impl", "mega": "scan_impl", "s4d": "scan_impl",
-                      "dss": "scan_impl", "h3": "scan_impl", "gss": "scan_impl"}
+                      "dss": "scan_impl", "h3": "scan_impl", "gss": "scan_impl",
+                      "metaformer": "impl"}
 
 
 def _cross_chunk_overrides(name):
