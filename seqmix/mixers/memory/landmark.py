@@ -57,7 +57,7 @@ def _block_ids(valid, seg, blk):
 
 @registry.register(
     "landmark", paper="Random-Access Infinite Context Length for Transformers (Landmark "
-    "Attention)", year=2023, venue="NeurIPS", family="memory", op="landmark.grouped_softmax",
+    "Attention)", year=2023, venue="NeurIPS", family="memory", op="landmark.grouped_softmax_attention",
     parents=("mha",), constant_state=False, test_kwargs={"num_heads": 2, "block_len": 4},
     url="https://arxiv.org/abs/2305.16300")
 class Landmark(MixerBase):
