@@ -1,7 +1,8 @@
 """Passkey retrieval (Landmark Attention's task) at long contexts: the segment-memory models
 against sliding-window attention.
 
-  python -m experiments.passkey_memory --models=mha_window,transformer_xl,infini_attention,memorizing,rmt \
+  python -m experiments.passkey_memory \
+      --models=mha_window,transformer_xl,infini_attention,memorizing,landmark,rmt \
       --train_T=1024 --eval_T=1024,2048,4096,8192,16384,32768 --steps=2000
   python -m experiments.passkey_memory --smoke        # a CPU run (~4 min on a shared 2-core box)
 
@@ -16,6 +17,8 @@ evaluation cost is linear in T:
   transformer_xl    memory of mem_len = --segment_len hidden states, relative encoding
   infini_attention  local attention within the segment + compressive linear memory
   memorizing        local attention (segment + XL cache) + top-32 kNN over --memory_size tokens
+  landmark          blocks of --block_len tokens gated by their landmark (grouped softmax;
+                    a full KV cache: the last token of every block plays the landmark)
   rmt               --memory_tokens memory tokens carried across segments (BPTT over
                     --tbptt segments; None = all)
 
@@ -40,13 +43,15 @@ from seqmix.models import segment_recurrent as sr
 from seqmix.train.step import token_stats
 
 _MODELS = flags.DEFINE_list(
-    "models", ["mha_window", "transformer_xl", "infini_attention", "memorizing", "rmt"],
+    "models", ["mha_window", "transformer_xl", "infini_attention", "memorizing", "landmark",
+               "rmt"],
     "Models to compare.")
 _TRAIN_T = flags.DEFINE_integer("train_T", 1024, "Training length in bytes.")
 _EVAL_T = flags.DEFINE_list("eval_T", ["1024", "2048", "4096", "8192", "16384", "32768"],
                             "Evaluation lengths.")
 _SEG = flags.DEFINE_integer("segment_len", 256, "Segment length L (and the window of mha).")
 _MEMORY = flags.DEFINE_integer("memory_size", 4096, "memorizing's kNN memory size.")
+_BLOCK = flags.DEFINE_integer("block_len", 64, "landmark's block length.")
 _MEM_TOKENS = flags.DEFINE_integer("memory_tokens", 16, "rmt's memory tokens.")
 _TBPTT = flags.DEFINE_integer("tbptt", 0, "Truncate BPTT every k segments (0: never).")
 _D = flags.DEFINE_integer("d", 128, "d_model.")
@@ -60,7 +65,8 @@ _OUT = flags.DEFINE_string("out", "experiments/results/passkey_memory", "Output 
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny CPU run: T 384/768, 20 steps, d 32.")
 
 
-def build(name: str, seg_len: int, memory_size: int, memory_tokens: int, d: int, heads: int):
+def build(name: str, seg_len: int, memory_size: int, memory_tokens: int, d: int, heads: int,
+          block_len: int = 64):
   common = dict(vocab_size=256, d_model=d, n_layers=2)
   if name == "rmt":
     return rmt.RecurrentMemoryTransformer(num_memory_tokens=memory_tokens, mixer="mha",
@@ -73,6 +79,7 @@ def build(name: str, seg_len: int, memory_size: int, memory_tokens: int, d: int,
       "memorizing": ("memorizing", {"num_heads": heads, "segment_len": seg_len,
                                     "memory_size": memory_size,
                                     "top_k": min(32, memory_size)}),
+      "landmark": ("landmark", {"num_heads": heads, "block_len": block_len}),
   }
   if name not in kwargs:
     raise ValueError(f"unknown model {name!r}; choose from {sorted(kwargs) + ['rmt']}.")
@@ -82,7 +89,7 @@ def build(name: str, seg_len: int, memory_size: int, memory_tokens: int, d: int,
 
 def run(name, cfg, train_t, eval_ts, steps, batch):
   model = build(name, cfg["segment_len"], cfg["memory_size"], cfg["memory_tokens"], cfg["d"],
-                cfg["heads"])
+                cfg["heads"], cfg["block_len"])
   seg_len, tbptt = cfg["segment_len"], cfg["tbptt"] or None
 
   def forward(params, inputs):
@@ -134,12 +141,14 @@ def run(name, cfg, train_t, eval_ts, steps, batch):
 def main(argv):
   del argv
   cfg = dict(segment_len=_SEG.value, memory_size=_MEMORY.value, memory_tokens=_MEM_TOKENS.value,
+             block_len=_BLOCK.value,
              tbptt=_TBPTT.value, d=_D.value, heads=_HEADS.value, lr=_LR.value,
              eval_examples=_EVAL_N.value, seed=_SEED.value)
   train_t, eval_ts = _TRAIN_T.value, [int(t) for t in _EVAL_T.value]
   steps, batch = _STEPS.value, _BATCH.value
   if _SMOKE.value:
-    cfg.update(segment_len=64, memory_size=64, memory_tokens=4, d=32, heads=2, eval_examples=4)
+    cfg.update(segment_len=64, memory_size=64, memory_tokens=4, block_len=16, d=32, heads=2,
+               eval_examples=4)
     train_t, eval_ts, steps, batch = 384, [384, 768], 20, 4
   results = []
   for name in _MODELS.value:

@@ -27,6 +27,16 @@ every document) are cut with the segments; the mixers' caches keep the last segm
 document boundary inside a segment, or between two segments, resets the memory exactly as
 in decoding (DESIGN.md: state never crosses a document boundary).
 
+Configurations (the memory-family rows of CATALOG.md section 6 built so far): the mixers
+`transformer_xl` (stop-gradient memory of M hidden states), `infini_attention` (compressive
+linear memory), `memorizing` (kNN memory, `seqmix.ops.retrieval`) and `landmark` (a full KV
+cache gated per block), each in a LanguageModel with segment_len = the mixer's segment
+length; and `seqmix.models.rmt.RecurrentMemoryTransformer` (memory tokens, model-level).
+The four mixers' parallel forms equal their segment-by-segment runs (the protocol's split
+prefill), so run_segments is what bounds the work of a long evaluation (each call sees L
+tokens plus the cache); RMT exists only segment by segment (with cache=None it is one
+segment read from its learned initial memory).
+
 The loop is a `lax.scan` over segments (one compiled segment step), so the memory's
 structure must be the same after every segment, which a protocol cache is. Memory use for
 gradients is that of the whole unrolled scan; wrap the module in `nn.remat` for long runs.

@@ -146,6 +146,10 @@ LEARNING_KNOWN_FAILURES = {
                          "test_kwargs segment_len=4 the first two tokens of every segment (half "
                          "the positions) see the token two back only through the position-free "
                          "compressive memory, not the local attention"),
+    "landmark": ("seeds 0/1 reach 0.790/0.794 (flag on), < 0.9 as expected: with block_len=4 "
+                 "and no inserted landmark tokens, the token two back from a block's second "
+                 "token is the previous block's landmark, which later blocks see only as the "
+                 "gate, so a quarter of the positions cannot copy"),
     "lightning": ("seeds 0/1/2 reach 0.540/0.469/0.483 (flag on), 0.541/0.485/0.475 (off), "
                   "all < 0.9: its relative position encoding (LRPE) is not built"),
 }

@@ -47,14 +47,15 @@ def test_segments_equal_token_decoding_and_parallel_for_a_mixer(gla_mixer):
 
 def test_segments_equal_decoding_for_a_language_model(mha_model):
   model, params, tokens = mha_model
-  logits_seg, _ = _run(model, params, tokens)
+  logits_seg, _ = jax.jit(lambda p, tok: _run(model, p, tok))(params, tokens)
+  apply = jax.jit(lambda p, tok, c: model.apply({"params": p}, tok, cache=c))
   cache = model.init_cache(B, T)
   steps = []
   for i in range(T):
-    lg, cache = model.apply({"params": params}, tokens[:, i:i + 1], cache=cache)
+    lg, cache = apply(params, tokens[:, i:i + 1], cache)
     steps.append(lg)
   assert_rel_close(logits_seg, jnp.concatenate(steps, axis=1), 1e-5, "segments vs decode")
-  assert_rel_close(logits_seg, model.apply({"params": params}, tokens)[0], 1e-5,
+  assert_rel_close(logits_seg, jax.jit(model.apply)({"params": params}, tokens)[0], 1e-5,
                    "segments vs parallel")
 
 
@@ -69,7 +70,7 @@ def test_no_information_flows_to_earlier_segments(gla_mixer):
   assert np.abs(y[:, 2 * L:] - y2[:, 2 * L:]).max() > 1e-3  # the perturbation does reach it
   # Gradient: segment-2 outputs do not depend on segment-3 inputs, and do on segment 1.
   w = mt.random_inputs(2, B, L)
-  g = np.asarray(jax.grad(lambda x_: jnp.sum(run(x_)[:, L:2 * L] * w))(x))
+  g = np.asarray(jax.jit(jax.grad(lambda x_: jnp.sum(run(x_)[:, L:2 * L] * w)))(x))
   assert np.all(g[:, 2 * L:] == 0)
   assert np.abs(g[:, :L]).max() > 0
 
