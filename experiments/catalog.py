@@ -114,6 +114,7 @@ BUILT: dict[int, tuple] = {
     117: (_mixer("transformer_xl"),),
     119: (_system("seqmix/models/rmt.py", "RMT over seqmix.models.segment_recurrent"),),
     124: (_mixer("memorizing"),),
+    125: (_mixer("landmark"),),
     145: (_option("mha", "position", 'position="rope"'),),
     146: (_option("mha", "position", 'position="alibi"'),),
     147: (_option("mha", "position", 'position="fire"'),),
