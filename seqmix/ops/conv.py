@@ -11,15 +11,18 @@ steps reproduces the whole-sequence output.
 Forms (`impl`):
   reference  the direct sum over the L taps in float32: the oracle.
   fft        float32 FFT convolution over a padded length >= T + L - 1 (no wrap-around).
+  monarch    the same circular convolution with the DFT as a Monarch product (two block-diagonal
+             matmuls and a twiddle, `seqmix.ops.monarch`; M2): O(n^1.5) matmul work, complex64.
   auto       reference for short kernels, fft for long ones (`_use_fft`).
 """
 
 import jax
 import jax.numpy as jnp
 
+from seqmix.ops import monarch as monarch_ops
 from seqmix.ops._impl import resolve
 
-_AVAILABLE = {"reference": True, "fft": True}
+_AVAILABLE = {"reference": True, "fft": True, "monarch": True}
 
 # Kernels up to this length are summed with unrolled static slices (XLA fuses them into one
 # loop); longer kernels loop over taps with `lax.scan` to keep the program small.
@@ -43,7 +46,7 @@ def causal_conv(u, k, *, initial_state=None, impl: str = "auto"):
     u: inputs `[B, T, D]`.
     k: kernel `[L, D]`, same dtype as u; `k[0]` multiplies the current token.
     initial_state: `[B, L-1, D]` (the previous L-1 inputs, oldest first) or None (zeros).
-    impl: "reference" | "fft" | "auto".
+    impl: "reference" | "fft" | "monarch" | "auto" ("auto" never picks "monarch").
 
   Returns:
     (y `[B, T, D]` in u's dtype, state `[B, L-1, D]` in u's dtype).
@@ -59,7 +62,12 @@ def causal_conv(u, k, *, initial_state=None, impl: str = "auto"):
   full = jnp.concatenate([past, u], axis=1)                # u_{-(L-1)} .. u_{T-1}  [b, l1+t, d]
   state = full[:, full.shape[1] - l1:]
   xf, kf = full.astype(jnp.float32), k.astype(jnp.float32)
-  y = _fft(xf, kf, t) if impl == "fft" else _direct(xf, kf, t)
+  if impl == "fft":
+    y = _fft(xf, kf, t)
+  elif impl == "monarch":
+    y = _monarch(xf, kf, t)
+  else:
+    y = _direct(xf, kf, t)
   return y.astype(u.dtype), state
 
 
@@ -112,3 +120,48 @@ def _fft(x, k, t):
   kf = jnp.fft.rfft(k, n=n, axis=0)                        # [n//2+1, d]
   y = jnp.fft.irfft(xf * kf[None], n=n, axis=1)            # [b, n, d]
   return y[:, l1:l1 + t]
+
+
+def _monarch(x, k, t):
+  """Same as `_fft` with the DFT of length n computed as a Monarch product (complex64)."""
+  taps = k.shape[0]
+  l1 = taps - 1
+  n = 1 << max(l1 + t - 1, 1).bit_length()
+  xp = jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0)))
+  kp = jnp.pad(k, ((0, n - taps), (0, 0)))
+  xf = monarch_ops.monarch_dft(xp, axis=1)                          # [b, n, d]
+  kf = monarch_ops.monarch_dft(kp, axis=0)                          # [n, d]
+  y = monarch_ops.monarch_idft(xf * kf[None], axis=1).real          # [b, n, d]
+  return y[:, l1:l1 + t]
+
+
+def dynamic_causal_conv(u, k, *, initial_state=None, impl: str = "auto"):
+  """Causal depthwise convolution with a kernel per output step (DynamicConv).
+
+      y_t = Σ_{s=0}^{L-1} k_{t,s} ⊙ u_{t-s}
+
+  Args:
+    u: inputs `[B, T, D]`.
+    k: kernels `[B, T, L, D]`, same dtype as u; `k[:, t, 0]` multiplies the current token.
+    initial_state: `[B, L-1, D]` (the previous L-1 inputs, oldest first) or None (zeros).
+    impl: "reference" (the direct sum over the L taps in float32) | "auto" (= reference).
+
+  Returns:
+    (y `[B, T, D]` in u's dtype, state `[B, L-1, D]`: the last L-1 rows of concat(state, u)).
+  """
+  if k.ndim != 4 or k.shape[:2] != u.shape[:2] or k.shape[3] != u.shape[2]:
+    raise ValueError(f"dynamic_causal_conv: k must be [B, T, L, D] for {u.shape=}; "
+                     f"got {k.shape=}.")
+  _check(u, k[0, 0], initial_state)
+  resolve("dynamic_causal_conv", impl, {"reference": True}, {"default": "reference"})
+  b, t, d = u.shape
+  taps = k.shape[2]
+  l1 = taps - 1
+  past = (jnp.zeros((b, l1, d), u.dtype) if initial_state is None
+          else initial_state.astype(u.dtype))
+  full = jnp.concatenate([past, u], axis=1)                # u_{-(L-1)} .. u_{T-1}  [b, l1+t, d]
+  xf, kf = full.astype(jnp.float32), k.astype(jnp.float32)
+  y = jnp.zeros((b, t, d), jnp.float32)
+  for s in range(taps):  # kernels are short (DynamicConv: <= 31 taps)
+    y = y + kf[:, :, s] * xf[:, l1 - s:l1 - s + t]
+  return y.astype(u.dtype), full[:, full.shape[1] - l1:]

@@ -1,0 +1,1 @@
+"""Long and short convolution mixers (Hyena, TNN, M2, ...)."""
