@@ -7,8 +7,9 @@
     convert.save_seqmix(cfg, params, "dir"); cfg, params = convert.load_seqmix("dir")
 
 Command line: `python -m seqmix.convert --from hf --path DIR --to DIR` and the reverse
-`--from seqmix`. Families (the HF `model_type`): gpt2, llama, mamba, mamba2, recurrent_gemma;
-each module's docstring lists its tensor mapping. torch is never imported here: safetensors and NumPy only.
+`--from seqmix`. Families (the HF `model_type`): gpt2, llama, mamba, falcon_mamba, mamba2,
+recurrent_gemma; each module's docstring lists its tensor mapping. torch is never imported
+here: safetensors and NumPy only.
 """
 
 import os
@@ -18,8 +19,8 @@ import ml_collections
 from seqmix.convert import common, gpt2, llama, mamba, mamba2, recurrent_gemma
 from seqmix.convert.common import TensorMismatch, load_state_dict  # noqa: F401
 
-FAMILIES = {"gpt2": gpt2, "llama": llama, "mamba": mamba, "mamba2": mamba2,
-            "recurrent_gemma": recurrent_gemma}
+FAMILIES = {"gpt2": gpt2, "llama": llama, "mamba": mamba, "falcon_mamba": mamba,
+            "mamba2": mamba2, "recurrent_gemma": recurrent_gemma}
 NOT_CONVERTED = {"rwkv": "RWKV-4 (HF's rwkv)", "rwkv6": "RWKV-6"}
 
 
@@ -35,6 +36,9 @@ def family_of(cfg) -> str:
   """The HF family a seqmix config maps to: mamba / mamba2 by mixer, gpt2 for attention with
   learned positions, llama for attention with RoPE, recurrent_gemma for hawk / local_mqa
   patterns."""
+  mamba_kwargs = cfg.mixer_kwargs.get("mamba") or {}
+  if cfg.mixer == "mamba" and mamba_kwargs.get("bcdt_rms_eps") is not None:
+    return "falcon_mamba"
   if cfg.mixer in ("mamba", "mamba2"):
     return cfg.mixer
   if cfg.mixer == "mha":

@@ -1,5 +1,7 @@
-"""python -m seqmix.convert --from hf --path HF_DIR --to SEQMIX_DIR
-   python -m seqmix.convert --from seqmix --path SEQMIX_DIR --to HF_DIR [--family llama]
+"""Convert checkpoints between Hugging Face transformers and seqmix:
+
+  python -m seqmix.convert --from hf --path HF_DIR --to SEQMIX_DIR
+  python -m seqmix.convert --from seqmix --path SEQMIX_DIR --to HF_DIR [--family llama]
 
 Reads local files only (download a hub checkpoint with your hub client first).
 """

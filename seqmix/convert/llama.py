@@ -11,9 +11,11 @@
     model.norm, lm_head                    norm_final, head/kernel (or tied)
 
 RoPE: transformers' Llama rotates in the rotate-half layout (channel i pairs with i + Dh/2),
-which is `seqmix.positional.rope`'s layout, so q/k columns need no permutation. rope_scaling:
-seqmix's MHA implements the plain rotation only, so any rope_type other than "default"
-raises NotImplementedError. attention_bias / mlp_bias map onto the mixer's and the model's
+which is `seqmix.positional.rope`'s layout, so q/k columns need no permutation. rope_scaling
+(v4 `rope_scaling` or v5 `rope_parameters`) passes through to the MHA's `rope_scaling` for
+transformers' types linear, dynamic, yarn, longrope and llama3, with max_position_embeddings
+added to the dict (transformers reads it from the model config); others raise
+NotImplementedError naming these. attention_bias / mlp_bias map onto the mixer's and the model's
 `use_bias` (RMSNorm has no bias, so the model's flag only reaches the MLP).
 """
 
@@ -22,26 +24,48 @@ import numpy as np
 
 from seqmix.convert import common
 
-SUPPORTED_ROPE_TYPES = ("default",)
+# transformers' rope types; seqmix's MHA computes each as transformers does
+# (`seqmix.positional.rope_scaling`).
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
 IGNORE = ("rotary_emb.inv_freq",)  # a buffer some older exports wrote out
 
 
-def _rope(hf: dict) -> float:
+def _rope(hf: dict):
+  """(rope_base, rope_scaling dict or None) of an HF config (v5 rope_parameters or v4 fields)."""
   rope = dict(hf.get("rope_parameters") or {})
   if hf.get("rope_scaling"):  # transformers 4.x layout
     rope = {**rope, **hf["rope_scaling"]}
   kind = rope.get("rope_type", rope.get("type", "default"))
   if kind not in SUPPORTED_ROPE_TYPES:
     raise NotImplementedError(
-        f"llama: rope_scaling / rope_parameters rope_type={kind!r} is not converted: seqmix's "
-        f"MHA implements RoPE types {list(SUPPORTED_ROPE_TYPES)} only (no position "
-        f"interpolation / NTK / YaRN / llama3 scaling yet).")
-  return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+        f"llama: rope_scaling / rope_parameters rope_type={kind!r} is not converted; supported "
+        f"rope types: {list(SUPPORTED_ROPE_TYPES)}.")
+  base = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+  if kind == "default":
+    return base, None
+  scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "type")}
+  scaling["rope_type"] = kind
+  # transformers reads the trained length from the model config; seqmix's dict carries it.
+  max_pos = scaling["max_position_embeddings"] = hf.get("max_position_embeddings", 2048)
+  orig = scaling.get("original_max_position_embeddings")
+  if kind == "yarn" and orig is not None and scaling.get("factor") is not None:
+    # transformers 5 takes s = factor with L0 = original_max_position_embeddings; seqmix's yarn
+    # (as transformers 4) takes s = max_position_embeddings / L0 when L0 is given. With
+    # L0 = max_position_embeddings (what transformers 5 fills in) dropping L0 is exact.
+    if orig == max_pos:
+      del scaling["original_max_position_embeddings"]
+    elif scaling["factor"] != max_pos / orig:
+      raise NotImplementedError(
+          f"llama: yarn with factor={scaling['factor']} and original_max_position_embeddings="
+          f"{orig} != max_position_embeddings={max_pos}: transformers 5 scales by factor, "
+          f"seqmix's yarn by max_position_embeddings / original ({max_pos / orig}); not converted.")
+  return base, scaling
 
 
 def config_from_hf(hf: dict) -> ml_collections.ConfigDict:
   d, h = hf["hidden_size"], hf["num_attention_heads"]
   common.check_choice("hidden_act", hf.get("hidden_act", "silu"), ("silu",), "llama")
+  base, scaling = _rope(hf)
   if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
     raise NotImplementedError(
         f"llama: attention_bias={hf.get('attention_bias')} with mlp_bias={hf.get('mlp_bias')} "
@@ -50,7 +74,7 @@ def config_from_hf(hf: dict) -> ml_collections.ConfigDict:
       vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"], mixer="mha",
       mixer_kwargs={"mha": dict(num_heads=h, num_kv_heads=hf.get("num_key_value_heads") or h,
                                 head_dim=hf.get("head_dim") or d // h, position="rope",
-                                rope_base=_rope(hf),
+                                rope_base=base, rope_scaling=scaling,
                                 use_bias=bool(hf.get("attention_bias", False)))},
       mlp="swiglu", mlp_ratio=hf["intermediate_size"] / d, norm="rmsnorm",
       norm_eps=hf.get("rms_norm_eps", 1e-6), use_bias=bool(hf.get("mlp_bias", False)),
@@ -83,14 +107,28 @@ def check_config(cfg) -> None:
 def config_to_hf(cfg) -> dict:
   check_config(cfg)
   h, g, dh, m = _dims(cfg)
-  base = cfg.mixer_kwargs["mha"].get("rope_base", 10000.0)
+  mha = cfg.mixer_kwargs["mha"]
+  base = mha.get("rope_base", 10000.0)
+  rope = {"rope_type": "default", "rope_theta": base}
+  scaling = mha.get("rope_scaling")
+  if scaling:
+    scaling = scaling.to_dict() if hasattr(scaling, "to_dict") else dict(scaling)
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in SUPPORTED_ROPE_TYPES:
+      raise ValueError(f"llama export: rope_scaling rope_type={kind!r} is a seqmix rope type "
+                       f"transformers does not have; it has {list(SUPPORTED_ROPE_TYPES)}.")
+    if scaling.get("max_position_embeddings", cfg.max_len) != cfg.max_len:
+      raise ValueError(f"llama export: rope_scaling max_position_embeddings="
+                       f"{scaling['max_position_embeddings']} differs from max_len={cfg.max_len}; "
+                       "transformers has one max_position_embeddings.")
+    rope = {**{k: v for k, v in scaling.items() if k != "max_position_embeddings"},
+            "rope_type": kind, "rope_theta": base}
   return dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=cfg.vocab_size,
               hidden_size=cfg.d_model, intermediate_size=m, num_hidden_layers=cfg.n_layers,
               num_attention_heads=h, num_key_value_heads=g, head_dim=dh, hidden_act="silu",
               rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
               attention_bias=bool(cfg.use_bias), mlp_bias=bool(cfg.use_bias),
-              max_position_embeddings=cfg.max_len, rope_theta=base,
-              rope_parameters={"rope_type": "default", "rope_theta": base},
+              max_position_embeddings=cfg.max_len, rope_theta=base, rope_parameters=rope,
               bos_token_id=None, eos_token_id=None, pad_token_id=None)
 
 

@@ -13,6 +13,9 @@
     backbone.norm_f, lm_head (tied by default)  norm_final, embedding / head
 
 E = intermediate_size = expand · hidden_size (seqmix's `expand` is an integer).
+
+Falcon-Mamba (`FalconMambaForCausalLM`, model_type "falcon_mamba") is the same layout plus
+weightless RMSNorms of δ, B and C after x_proj: the mixer's `bcdt_rms_eps` = mixer_rms_eps.
 """
 
 import ml_collections
@@ -30,12 +33,14 @@ def config_from_hf(hf: dict) -> ml_collections.ConfigDict:
   common.check_choice("hidden_act", hf.get("hidden_act", "silu"), ("silu",), "mamba")
   rank = hf.get("time_step_rank", "auto")
   rank = -(-d // 16) if rank == "auto" else int(rank)
+  falcon = hf.get("model_type") == "falcon_mamba"
+  extra = {"bcdt_rms_eps": float(hf.get("mixer_rms_eps", 1e-6))} if falcon else {}
   return ml_collections.ConfigDict(dict(
       vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"], mixer="mamba",
       mixer_kwargs={"mamba": dict(d_state=hf.get("state_size", 16),
                                   d_conv=hf.get("conv_kernel", 4), expand=e // d, dt_rank=rank,
                                   conv_bias=bool(hf.get("use_conv_bias", True)),
-                                  bias=bool(hf.get("use_bias", False)))},
+                                  bias=bool(hf.get("use_bias", False)), **extra)},
       mlp="none", norm="rmsnorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5),
       tie_embeddings=bool(hf.get("tie_word_embeddings", True)), pos_embedding="none"))
 
@@ -56,12 +61,15 @@ def config_to_hf(cfg) -> dict:
       raise ValueError(f"mamba export: {field}={cfg[field]!r} has no HF Mamba equivalent (needs "
                        f"{ok!r}).")
   d, e, n, l, rank, bias, conv_bias = _dims(cfg)
+  eps = cfg.mixer_kwargs["mamba"].get("bcdt_rms_eps")
+  falcon = {} if eps is None else dict(model_type="falcon_mamba", mixer_rms_eps=eps,
+                                      architectures=["FalconMambaForCausalLM"])
   return dict(model_type="mamba", architectures=["MambaForCausalLM"], vocab_size=cfg.vocab_size,
               hidden_size=d, intermediate_size=e, expand=e // d, state_size=n, conv_kernel=l,
               time_step_rank=rank, num_hidden_layers=cfg.n_layers, use_bias=bias,
               use_conv_bias=conv_bias, hidden_act="silu", layer_norm_epsilon=cfg.norm_eps,
               tie_word_embeddings=cfg.tie_embeddings, residual_in_fp32=True,
-              bos_token_id=None, eos_token_id=None, pad_token_id=None)
+              bos_token_id=None, eos_token_id=None, pad_token_id=None) | falcon
 
 
 def params_from_hf(r: common.TensorReader, cfg) -> dict:

@@ -21,8 +21,9 @@ def test_reader_names_missing_wrong_and_leftover_tensors():
 
 
 def test_unknown_family_names_the_supported_ones():
-  with pytest.raises(NotImplementedError, match=r"'rwkv6' \(RWKV-6 has no converter yet\).*"
-                                                r"\['gpt2', 'llama', 'mamba'"):
+  want = (r"'rwkv6' \(RWKV-6 has no converter yet\).*\['falcon_mamba', 'gpt2', 'llama', "
+          r"'mamba', 'mamba2', 'recurrent_gemma'\]")
+  with pytest.raises(NotImplementedError, match=want):
     convert.config_from_hf({"model_type": "rwkv6"})
 
 

@@ -46,11 +46,40 @@ def test_llama_tied_with_biases_logits(tmp_path):
                    parity.LOGIT_RTOL, "tied llama with biases")
 
 
-@pytest.mark.parametrize("scaling", [{"rope_type": "linear", "factor": 2.0},
-                                     {"rope_type": "llama3", "factor": 8.0}])
-def test_llama_rope_scaling_is_refused_naming_supported_types(scaling):
-  hf = {**_config().to_dict(), "rope_parameters": {**scaling, "rope_theta": 1e4}}
-  with pytest.raises(NotImplementedError, match=r"rope_type='(linear|llama3)'.*\['default'\]"):
+_SCALINGS = {  # max_position_embeddings is 16 < T = 20, so the length-dependent types switch
+    "linear": {"factor": 2.0},
+    "dynamic": {"factor": 2.0},
+    "yarn": {"factor": 4.0},
+    "longrope": {"short_factor": [1.0, 1.5, 2.0, 2.5, 3.0], "long_factor": [2.0, 3, 4, 5, 6],
+                 "original_max_position_embeddings": 8},
+    "llama3": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_SCALINGS))
+def test_llama_rope_scaling_passes_through(tmp_path, kind):
+  """transformers' rope types reach seqmix's MHA and give transformers' logits; the exported
+  config gives transformers the same rope again."""
+  hf = parity.make_hf(transformers.LlamaForCausalLM, _config(
+      num_hidden_layers=1, max_position_embeddings=16,
+      rope_parameters={"rope_type": kind, "rope_theta": 500.0, **_SCALINGS[kind]}))
+  hf.save_pretrained(tmp_path / "hf")
+  cfg, params = convert.from_hf(str(tmp_path / "hf"), progress=False)
+  scaling = cfg.mixer_kwargs["mha"]["rope_scaling"]
+  assert scaling["rope_type"] == kind and scaling["max_position_embeddings"] == 16
+  tokens = np.random.default_rng(4).integers(0, 101, (2, 20))
+  want = parity.hf_logits(hf, tokens)
+  assert_rel_close(parity.seqmix_logits(cfg, params, tokens), want, parity.LOGIT_RTOL,
+                   f"rope_scaling {kind}")
+  convert.to_hf(cfg, params, str(tmp_path / "out"), progress=False)
+  back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+  np.testing.assert_array_equal(parity.hf_logits(back, tokens), want)
+
+
+def test_llama_unknown_rope_type_is_refused_naming_the_supported_ones():
+  hf = {**_config().to_dict(), "rope_parameters": {"rope_type": "su", "rope_theta": 1e4}}
+  with pytest.raises(NotImplementedError, match=r"rope_type='su'.*'linear', 'dynamic', 'yarn'"):
     convert.config_from_hf(hf)
 
 

@@ -46,3 +46,12 @@ def test_mamba_biases_untied_no_conv_bias_logits(tmp_path):
   tokens = np.random.default_rng(2).integers(0, 89, (2, 13))
   parity.assert_rel_close(parity.seqmix_logits(cfg, params, tokens),
                           parity.hf_logits(hf, tokens), parity.LOGIT_RTOL, "mamba with biases")
+
+
+def test_falcon_mamba_parity_and_round_trip(tmp_path):
+  """Falcon-Mamba: Mamba plus weightless RMSNorms of δ, B and C (the mixer's bcdt_rms_eps)."""
+  cfg_hf = transformers.FalconMambaConfig(**{**_config().to_dict(), "mixer_rms_eps": 1e-5})
+  hf = parity.make_hf(transformers.FalconMambaForCausalLM, cfg_hf)
+  cfg, _ = parity.check_family(hf, str(tmp_path), vocab=89)
+  assert cfg.mixer_kwargs["mamba"]["bcdt_rms_eps"] == 1e-5
+  assert parity.convert.family_of(cfg) == "falcon_mamba"

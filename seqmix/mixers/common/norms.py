@@ -15,9 +15,10 @@ import jax.numpy as jnp
 from seqmix.parallel import axes
 
 
-def _rms_normalise(x32, eps: float):
-  """x32 [..., D] float32 -> x / sqrt(mean(x²) + eps) over the last axis."""
+def rms_normalise(x32, eps: float):
+  """x32 [..., D] float32 -> x / sqrt(mean(x²) + eps) over the last axis (no scale)."""
   return x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+
 
 
 class RMSNorm(nn.Module):
@@ -42,7 +43,7 @@ class RMSNorm(nn.Module):
   @nn.compact
   def __call__(self, x):
     out_dtype = self.dtype or x.dtype
-    y = _rms_normalise(x.astype(jnp.float32), self.eps)
+    y = rms_normalise(x.astype(jnp.float32), self.eps)
     if self.use_scale:
       init = nn.initializers.constant(1.0 - self.scale_offset)
       scale = self.param("scale", axes.param(init, self.axis_name), (x.shape[-1],),
@@ -122,7 +123,7 @@ class GatedRMSNorm(nn.Module):
     x32, gate = x.astype(jnp.float32), jax.nn.silu(z.astype(jnp.float32))
     if not self.norm_before_gate:
       x32 = x32 * gate
-    y = _rms_normalise(x32.reshape(*x.shape[:-1], d // g, g), self.eps)  # [..., D/g, g]
+    y = rms_normalise(x32.reshape(*x.shape[:-1], d // g, g), self.eps)  # [..., D/g, g]
     y = y.reshape(x.shape)  # [..., D]
     if self.use_scale:
       scale = self.param("scale", axes.param(nn.initializers.ones, self.axis_name), (d,),

@@ -4,6 +4,7 @@ State Spaces", COLM 2024), through `seqmix.ops.ssm.selective_scan`.
     [x, z] = u W_in                                  [B, T, E·D] each (E = expand, no bias)
     x = silu(ShortConv_4(x))                         depthwise causal conv with bias
     [δ, B, C] = x W_x                                δ [B, T, R], B, C [B, T, N]; R = dt_rank = ⌈D/16⌉
+    (δ, B, C <- rms(δ), rms(B), rms(C)                 Falcon-Mamba, with bcdt_rms_eps set)
     Δ = softplus(δ W_dt + b_dt)                      [B, T, E·D]
     A = −exp(A_log)  [E·D, N];  h_t = exp(Δ_t A) h_{t−1} + Δ_t B_t x_t;  y_t = C_t h_t + D ⊙ x_t
     out = (y ⊙ silu(z)) W_out
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 
 from seqmix import registry
 from seqmix.mixers.base import MixerBase
-from seqmix.mixers.common import segments
+from seqmix.mixers.common import norms, segments
 from seqmix.mixers.common.short_conv import ShortConv, ShortConvCache
 from seqmix.mixers.linear.mamba2 import TORCH_LINEAR_INIT, dt_bias_init
 from seqmix.parallel import axes
@@ -70,6 +71,8 @@ class Mamba(MixerBase):
   dt_min, dt_max, dt_init_floor: Δ at init ~ LogUniform(dt_min, dt_max), >= dt_init_floor.
   dt_init: "random" | "constant" init of W_dt; dt_scale: its scale (1).
   conv_bias: bias in the short conv (True). bias: biases on W_in / W_out (False).
+  bcdt_rms_eps: None (off), or eps: δ, B and C are each RMS-normalised (no learned scale) right
+    after W_x, as Falcon-Mamba does.
   chunk_size, impl: passed to `ssm.selective_scan`; conv_impl to `conv.causal_conv`.
   """
   d_state: int = 16
@@ -83,6 +86,7 @@ class Mamba(MixerBase):
   dt_scale: float = 1.0
   conv_bias: bool = True
   bias: bool = False
+  bcdt_rms_eps: float | None = None
   chunk_size: int = 64
   impl: str = "auto"
   conv_impl: str = "auto"
@@ -139,6 +143,9 @@ class Mamba(MixerBase):
                                    cache=None if cache is None else cache.conv)
     x_dbl = dense(rank + 2 * n, TORCH_LINEAR_INIT, axes.HEADS, axes.NONE, "x_proj")(xs)
     dt, bm, cm = jnp.split(x_dbl, [rank, rank + n], axis=-1)            # [b, t, r], [b, t, n] x2
+    if self.bcdt_rms_eps is not None:
+      rms = lambda v: norms.rms_normalise(v.astype(jnp.float32), self.bcdt_rms_eps).astype(v.dtype)
+      dt, bm, cm = rms(dt), rms(bm), rms(cm)
     dt_std = self.dt_scale * rank ** -0.5
     dt_w = self.param("dt_proj", axes.param(dt_proj_init(self.dt_init, dt_std), axes.NONE,
                                             axes.HEADS), (rank, d_inner), pd)

@@ -75,6 +75,9 @@ def _mamba_oracle(x, p, m, seg):
   xs = _silu(_short_conv(xs, p["conv1d"]["kernel"], p["conv1d"]["bias"], seg))
   dbl = xs @ p["x_proj"]["kernel"]
   dt, bm, cm = dbl[..., :rank], dbl[..., rank:rank + n], dbl[..., rank + n:]
+  if m.bcdt_rms_eps is not None:  # Falcon-Mamba's weightless RMSNorms
+    rms = lambda v: v / np.sqrt(np.mean(v ** 2, -1, keepdims=True) + m.bcdt_rms_eps)
+    dt, bm, cm = rms(dt), rms(bm), rms(cm)
   delta = _softplus(dt @ p["dt_proj"] + p["dt_bias"])                   # [b, t, e·d]
   a = -np.exp(p["A_log"])                                                # [e·d, n]
   starts = _starts(seg, t, b)
@@ -88,9 +91,9 @@ def _mamba_oracle(x, p, m, seg):
   return y @ p["out_proj"]["kernel"]
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_mamba_matches_direct_recurrence(packed):
-  m = mamba.Mamba(d_model=D, d_state=4, expand=2)
+@pytest.mark.parametrize("packed, bcdt_rms_eps", [(False, None), (True, None), (False, 1e-5)])
+def test_mamba_matches_direct_recurrence(packed, bcdt_rms_eps):
+  m = mamba.Mamba(d_model=D, d_state=4, expand=2, bcdt_rms_eps=bcdt_rms_eps)
   seg = np.array([[0] * 4 + [1] * 7, [0] * 9 + [1] * 2], np.int32) if packed else None
   x, p, y = _run(m, segment_ids=seg)
   assert_rel_close(y, _mamba_oracle(x, p, m, seg), TOL, "mamba vs direct recurrence")
