@@ -47,18 +47,6 @@ def _rope(hf: dict):
   scaling["rope_type"] = kind
   # transformers reads the trained length from the model config; seqmix's dict carries it.
   max_pos = scaling["max_position_embeddings"] = hf.get("max_position_embeddings", 2048)
-  orig = scaling.get("original_max_position_embeddings")
-  if kind == "yarn" and orig is not None and scaling.get("factor") is not None:
-    # transformers 5 takes s = factor with L0 = original_max_position_embeddings; seqmix's yarn
-    # (as transformers 4) takes s = max_position_embeddings / L0 when L0 is given. With
-    # L0 = max_position_embeddings (what transformers 5 fills in) dropping L0 is exact.
-    if orig == max_pos:
-      del scaling["original_max_position_embeddings"]
-    elif scaling["factor"] != max_pos / orig:
-      raise NotImplementedError(
-          f"llama: yarn with factor={scaling['factor']} and original_max_position_embeddings="
-          f"{orig} != max_position_embeddings={max_pos}: transformers 5 scales by factor, "
-          f"seqmix's yarn by max_position_embeddings / original ({max_pos / orig}); not converted.")
   return base, scaling
 
 

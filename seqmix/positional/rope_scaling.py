@@ -54,7 +54,7 @@ ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3", "ntk
 
 _REQUIRED = {
     "default": (), "linear": ("factor",), "dynamic": ("factor", "max_position_embeddings"),
-    "yarn": ("factor", "max_position_embeddings"),
+    "yarn": ("max_position_embeddings",),  # factor, or original_max_position_embeddings
     "longrope": ("short_factor", "long_factor", "max_position_embeddings"),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor",
                "original_max_position_embeddings"),
@@ -76,6 +76,9 @@ def rope_type(rope_scaling) -> str:
   if kind not in ROPE_TYPES:
     raise ValueError(f"rope_scaling rope_type={kind!r} is unknown; use one of {ROPE_TYPES}.")
   missing = [k for k in _REQUIRED[kind] if rope_scaling.get(k) is None]
+  if (kind == "yarn" and rope_scaling.get("factor") is None
+      and rope_scaling.get("original_max_position_embeddings") is None):
+    missing.append("factor (or original_max_position_embeddings)")
   if missing:
     raise ValueError(f"rope_scaling with rope_type={kind!r} is missing key(s) {missing} "
                      f"(it needs {list(_REQUIRED[kind])}); add them to the dict.")
@@ -87,13 +90,11 @@ def _default_np(rot_dim, base):
 
 
 def _yarn(cfg, rot_dim, base):
-  factor = float(cfg["factor"])
+  # transformers 5: s = "factor" when given (else max_position_embeddings / original), the
+  # correction range over L0 = original_max_position_embeddings (else max_position_embeddings).
   max_pos = cfg["max_position_embeddings"]
-  if cfg.get("original_max_position_embeddings") is not None:
-    orig = cfg["original_max_position_embeddings"]
-    factor = max_pos / orig
-  else:
-    orig = max_pos
+  orig = cfg.get("original_max_position_embeddings") or max_pos
+  factor = float(cfg["factor"]) if cfg.get("factor") is not None else max_pos / orig
 
   def m(s, mu=1.0):
     return 1.0 if s <= 1 else 0.1 * mu * math.log(s) + 1.0

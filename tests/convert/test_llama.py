@@ -50,6 +50,8 @@ _SCALINGS = {  # max_position_embeddings is 16 < T = 20, so the length-dependent
     "linear": {"factor": 2.0},
     "dynamic": {"factor": 2.0},
     "yarn": {"factor": 4.0},
+    # transformers 5: s = factor, the correction range over the original length
+    "yarn_original": {"factor": 3.0, "original_max_position_embeddings": 8},
     "longrope": {"short_factor": [1.0, 1.5, 2.0, 2.5, 3.0], "long_factor": [2.0, 3, 4, 5, 6],
                  "original_max_position_embeddings": 8},
     "llama3": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -63,11 +65,12 @@ def test_llama_rope_scaling_passes_through(tmp_path, kind):
   config gives transformers the same rope again."""
   hf = parity.make_hf(transformers.LlamaForCausalLM, _config(
       num_hidden_layers=1, max_position_embeddings=16,
-      rope_parameters={"rope_type": kind, "rope_theta": 500.0, **_SCALINGS[kind]}))
+      rope_parameters={"rope_type": kind.split("_")[0], "rope_theta": 500.0,
+                       **_SCALINGS[kind]}))
   hf.save_pretrained(tmp_path / "hf")
   cfg, params = convert.from_hf(str(tmp_path / "hf"), progress=False)
   scaling = cfg.mixer_kwargs["mha"]["rope_scaling"]
-  assert scaling["rope_type"] == kind and scaling["max_position_embeddings"] == 16
+  assert scaling["rope_type"] == kind.split("_")[0] and scaling["max_position_embeddings"] == 16
   tokens = np.random.default_rng(4).integers(0, 101, (2, 20))
   want = parity.hf_logits(hf, tokens)
   assert_rel_close(parity.seqmix_logits(cfg, params, tokens), want, parity.LOGIT_RTOL,

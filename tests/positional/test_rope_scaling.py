@@ -74,12 +74,16 @@ TABLE = {
     "yarn_no_truncate": ({"rope_type": "yarn", "factor": 4.0, "truncate": False,
                           "max_position_embeddings": L0}, None,
                          _hf_yarn(4.0, L0, truncate=False), 1.1386294361119890),
-    # original given: factor = 8192/2048 = 4 overrides "factor"; mscale ratio
-    # (0.1·1·ln4 + 1)/(0.1·0.5·ln4 + 1)
+    # original given, factor given: transformers 5 keeps s = factor = 8 and takes the
+    # correction range over L0; mscale ratio (0.1·1·ln8 + 1)/(0.1·0.5·ln8 + 1)
     "yarn_original_mscale": (
-        {"rope_type": "yarn", "factor": 99.0, "original_max_position_embeddings": L0,
+        {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": L0,
          "max_position_embeddings": 4 * L0, "mscale": 1.0, "mscale_all_dim": 0.5}, None,
-        _hf_yarn(4.0, L0), (0.1 * math.log(4) + 1) / (0.05 * math.log(4) + 1)),
+        _hf_yarn(8.0, L0), (0.1 * math.log(8) + 1) / (0.05 * math.log(8) + 1)),
+    # original given, no factor: s = max_position_embeddings / original = 4
+    "yarn_original_no_factor": (
+        {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": L0,
+         "max_position_embeddings": 4 * L0}, None, _hf_yarn(4.0, L0), 0.1 * math.log(4) + 1),
     # attention factor sqrt(1 + ln 4 / ln 2048) = sqrt(1 + 2/11) = sqrt(13/11)
     "longrope_short": ({"rope_type": "longrope", "factor": 4.0, "short_factor": SHORT,
                         "long_factor": LONG, "max_position_embeddings": L0}, 100,
