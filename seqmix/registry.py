@@ -55,14 +55,12 @@ EXTERNAL_ANCESTORS: dict[str, Ancestor] = {a.name: a for a in (
              ("mha",)),
     Ancestor("transnormer", "The Devil in Linear Transformer", 2022, "linear-attention",
              ("linear_transformer",)),
-    Ancestor("cnn", "Convolutional Networks for Images, Speech, and Time-Series (LeCun & "
-             "Bengio)", 1995, "long-conv"),
-    Ancestor("wavenet", "WaveNet: A Generative Model for Raw Audio", 2016, "long-conv",
-             ("cnn",)),
     Ancestor("ckconv", "CKConv: Continuous Kernel Convolution For Sequential Data", 2021,
-             "long-conv", ("wavenet",)),
-    Ancestor("s2mlp", "S²-MLP: Spatial-Shift MLP Architecture for Vision", 2021, "long-conv",
-             ("mha",)),
+             "long-conv"),
+    Ancestor("monarch", "Monarch: Expressive Structured Matrices for Efficient and Accurate "
+             "Training", 2022, "long-conv"),
+    Ancestor("s2mlp", "S²-MLP: Spatial-Shift MLP Architecture for Vision", 2021, "long-conv"),
+    Ancestor("wavenet", "WaveNet: A Generative Model for Raw Audio", 2016, "long-conv"),
 )}
 
 

@@ -95,9 +95,8 @@ EXPECTED_EDGES = [("linear_transformer", "retnet"), ("retnet", "gla"), ("gla", "
                   ("s4", "s4d"), ("s4d", "mamba"), ("mamba", "mamba2"), ("lru", "hawk"),
                   ("hawk", "griffin"), ("rwkv4", "rwkv6"), ("lstm", "slstm"),
                   ("lstm", "mlstm"), ("mlstm", "xlstm"), ("slstm", "xlstm")]
-# The architectures with no parents: a new mixer must name what it builds on. cnn (1995) is
-# the root of the convolution lineage (wavenet -> ckconv -> hyena).
-ROOTS = {"mha", "rnn", "fast_weights", "hippo", "cnn"}
+# The architectures with no parents: a new mixer must name what it builds on.
+ROOTS = {"mha", "rnn", "fast_weights", "hippo"}
 
 
 def _parents(name):

@@ -35,7 +35,7 @@ _LONG_IMPLS = ("monarch", "fft", "reference", "auto")
     venue="NeurIPS", family="long-conv",
     op="conv.causal_conv (monarch: Monarch-factored DFT, implicit filters) + "
        "conv.causal_conv (short)",
-    parents=("hyena",), constant_state=False,
+    parents=("hyena", "monarch"), constant_state=False,
     # The shared causality check asks for exactly zero ∂y_t/∂x_s (s > t); a DFT-based conv
     # leaves float32 round-off (~1e-7 relative) at future positions, so the protocol runs the
     # direct sum ("auto" at its short T). The Monarch path is tested against the explicit
