@@ -23,7 +23,7 @@ $(STAMP): setup.py constraints.txt
 	  exit 1; fi
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,interop]'
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -28,6 +28,8 @@ setuptools.setup(
     extras_require={
         "test": ["pytest>=9", "pytest-xdist", "nbclient", "nbformat", "ipykernel"],
         "bench": ["pandas"],
+        # seqmix.convert and its tests (Hugging Face checkpoints in and out).
+        "interop": ["torch>=2.14", "transformers>=5.18", "safetensors>=0.8"],
         "gpu": ["jax[cuda13]"],
         "tpu": ["jax[tpu]"],
     },

@@ -29,12 +29,13 @@ from seqmix import registry  # pylint: disable=g-import-not-at-top,wrong-import-
 _OUT = flags.DEFINE_string("out", os.path.join("out", "tree"), "Output folder.")
 
 # Lanes top to bottom, ordered so that most parent -> child arrows join neighbouring lanes.
-LANE_ORDER = ("ttt", "linear-attention", "attention", "long-conv", "memory", "hybrid",
-              "nonlinear-rnn", "linear-rnn", "ssm")
+LANE_ORDER = ("ttt", "linear-attention", "attention", "mlp-mixer", "long-conv", "memory",
+              "hybrid", "nonlinear-rnn", "linear-rnn", "ssm")
 FAMILY_COLOURS = {
     "attention": "#d62728", "linear-attention": "#1f77b4", "ssm": "#2ca02c",
     "linear-rnn": "#ff7f0e", "nonlinear-rnn": "#8c564b", "ttt": "#9467bd",
-    "long-conv": "#17becf", "memory": "#bcbd22", "hybrid": "#e377c2"}
+    "long-conv": "#17becf", "memory": "#bcbd22", "hybrid": "#e377c2",
+    "mlp-mixer": "#7f7f7f"}
 _COL_W = 1.0      # data units between year columns
 _ROW_H = 1.0      # data units between nodes stacked in one lane
 _LANE_GAP = 0.6   # extra space between lanes

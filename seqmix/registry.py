@@ -13,10 +13,10 @@ import dataclasses
 import difflib
 import importlib
 import pkgutil
-from typing import Any
+from typing import Any, Callable
 
 FAMILIES = ("attention", "linear-attention", "ssm", "linear-rnn", "nonlinear-rnn",
-            "ttt", "long-conv", "memory", "hybrid")
+            "ttt", "long-conv", "memory", "mlp-mixer", "hybrid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,16 +50,18 @@ EXTERNAL_ANCESTORS: dict[str, Ancestor] = {a.name: a for a in (
              "ssm"),
     Ancestor("lssl", "Combining Recurrent, Convolutional, and Continuous-time Models with "
              "Linear State-Space Layers", 2021, "ssm", ("hippo",)),
-    Ancestor("aft", "An Attention Free Transformer", 2021, "linear-rnn", ("mha",)),
+    Ancestor("mlp_mixer", "MLP-Mixer: An all-MLP Architecture for Vision", 2021, "mlp-mixer",
+             ("mha",)),
     Ancestor("gau", "Transformer Quality in Linear Time (FLASH)", 2022, "attention",
              ("mha",)),
     Ancestor("transnormer", "The Devil in Linear Transformer", 2022, "linear-attention",
              ("linear_transformer",)),
     Ancestor("ckconv", "CKConv: Continuous Kernel Convolution For Sequential Data", 2021,
-             "long-conv"),
+             "long-conv", ("wavenet",)),
     Ancestor("monarch", "Monarch: Expressive Structured Matrices for Efficient and Accurate "
              "Training", 2022, "long-conv"),
-    Ancestor("s2mlp", "S²-MLP: Spatial-Shift MLP Architecture for Vision", 2021, "long-conv"),
+    Ancestor("s2mlp", "S²-MLP: Spatial-Shift MLP Architecture for Vision", 2021, "long-conv",
+             ("mlp_mixer",)),
     Ancestor("wavenet", "WaveNet: A Generative Model for Raw Audio", 2016, "long-conv"),
 )}
 
@@ -76,7 +78,11 @@ class MixerInfo:
   parents: names of the architectures it builds on: registered mixers or EXTERNAL_ANCESTORS
     keys, none younger than it (`lineage_errors()` checks).
   constant_state: decoding keeps a constant-size state (False: a growing KV cache).
-  pattern: for a layer pattern, the mixer names repeated over the depth.
+  pattern: for a layer pattern, the mixer names repeated over the depth (for a pattern with a
+    `layout`, one representative period: the members the shared tests stack).
+  layout: for a pattern whose placement depends on the depth (Mamba-2-Hybrid spreads a share
+    of attention layers evenly): n_layers -> one member name per layer; None: `pattern` is
+    repeated.
   test_kwargs: small hyperparameters the shared tests use (at d_model=32).
   needs_positions: the mixer has no position information of its own (no decay, convolution
     or rotation: softmax attention without RoPE, the plain linear transformer), so a model
@@ -100,6 +106,7 @@ class MixerInfo:
   url: str = ""
   needs_positions: bool = False
   sequence_parallel: bool = False
+  layout: Callable[[int], tuple[str, ...]] | None = None
 
   @property
   def is_pattern(self) -> bool:
@@ -137,22 +144,33 @@ def register(name: str, *, paper: str, year: int, venue: str, family: str, op: s
 
 
 def register_pattern(name: str, pattern, *, paper: str, year: int, venue: str, op: str,
-                     parents=(), url: str = ""):
+                     parents=(), url: str = "", layout=None):
   """A layer pattern (a hybrid): `pattern` names registered mixers, repeated over the depth.
 
+  A member may be `"shared:<mixer>"`: every layer of that name in a model reuses one block
+  (one set of parameters; Zamba's shared attention block), each application with its own cache.
+  layout: None, or a function n_layers -> member names (a depth-dependent placement); then
+    `pattern` is one representative period and every name the layout returns must be in it.
   Its decoding state is constant when every mixer of the pattern keeps a constant state (so
   the members must be registered first).
   """
   _check_meta(name, "hybrid", year)
-  missing = [m for m in pattern if m not in _REGISTRY]
+  missing = [m for m in pattern if base_name(m) not in _REGISTRY]
   if missing:
     raise ValueError(f"register_pattern({name!r}): register {missing} before the pattern.")
-  constant = all(_REGISTRY[m].constant_state for m in pattern)
+  if layout is not None:
+    for n in (1, 2, 7, 8, 28, 56):
+      extra = sorted(set(layout(n)) - set(pattern))
+      if extra:
+        raise ValueError(f"register_pattern({name!r}): layout({n}) gives {extra}, which are "
+                         f"not in the pattern {tuple(pattern)}; list every member there.")
+  members = [_REGISTRY[base_name(m)] for m in pattern]
   _REGISTRY[name] = MixerInfo(name=name, cls=None, paper=paper, year=int(year), venue=venue,
                               family="hybrid", op=op, parents=tuple(parents),
-                              constant_state=constant, pattern=tuple(pattern), url=url,
-                              sequence_parallel=all(_REGISTRY[m].sequence_parallel
-                                                    for m in pattern))
+                              constant_state=all(m.constant_state for m in members),
+                              pattern=tuple(pattern), url=url,
+                              sequence_parallel=all(m.sequence_parallel for m in members),
+                              layout=layout)
 
 
 def _load_all():
@@ -172,8 +190,12 @@ def names(*, include_patterns: bool = True) -> list[str]:
 
 
 def get(name: str) -> MixerInfo:
-  """The entry for `name`; an unknown name fails with the valid ones and the closest match."""
+  """The entry for `name`; an unknown name fails with the valid ones and the closest match.
+
+  A shared layer name "shared:<mixer>" (see `register_pattern`) gives <mixer>'s entry.
+  """
   _load_all()
+  name = base_name(name)
   if name not in _REGISTRY:
     close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -211,17 +233,35 @@ def lineage_errors() -> list[str]:
   return errors
 
 
+SHARED_PREFIX = "shared:"
+
+
+def base_name(layer: str) -> str:
+  """The registered mixer of one expanded layer name ("shared:mha" -> "mha", "gla" -> "gla")."""
+  return layer[len(SHARED_PREFIX):] if layer.startswith(SHARED_PREFIX) else layer
+
+
 def expand_pattern(spec: str, n_layers: int) -> list[str]:
   """A layer spec -> one mixer name per layer.
 
   `spec` is a mixer name, a registered pattern ("griffin"), or a comma-separated list
-  ("mamba2,mamba2,mha") repeated over the depth. `n_layers` need not be a multiple.
+  ("mamba2,mamba2,mha") repeated over the depth. `n_layers` need not be a multiple. A pattern
+  with a depth-dependent `layout` (mamba2_hybrid) is placed over the whole depth and must be
+  the spec alone. An entry "shared:<mixer>" stays as it is: those layers share one block.
   """
   parts = [p.strip() for p in spec.split(",") if p.strip()]
   if not parts:
     raise ValueError(f"Empty mixer spec {spec!r}: give a name like 'mha' or 'gla,gla,mha'.")
   flat: list[str] = []
   for p in parts:
-    info = get(p)
+    info = get(base_name(p))
+    if info.is_pattern and p != info.name:
+      raise ValueError(f"{p!r}: only a mixer can be shared, and {info.name!r} is a layer "
+                       f"pattern; share one of its members, e.g. 'shared:{info.pattern[0]}'.")
+    if info.layout is not None:
+      if len(parts) > 1:
+        raise ValueError(f"mixer spec {spec!r}: {p!r} places its layers by the depth of the "
+                         f"whole model; use it alone (mixer={p!r}).")
+      return list(info.layout(n_layers))
     flat.extend(info.pattern if info.is_pattern else (p,))
   return [flat[i % len(flat)] for i in range(n_layers)]

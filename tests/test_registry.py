@@ -11,8 +11,9 @@ import pytest
 from seqmix import registry
 
 # The registered layer patterns and their decoding state: hawk and local_mqa keep a window
-# KV cache (griffin), mLSTM and sLSTM fixed-size states (xlstm).
-PATTERN_CONSTANT_STATE = {"griffin": False, "xlstm": True}
+# KV cache (griffin), mLSTM and sLSTM fixed-size states (xlstm); samba_swa a window KV cache.
+PATTERN_CONSTANT_STATE = {"griffin": False, "xlstm": True, "samba": False,
+                          "jamba": False, "mamba2_hybrid": False, "zamba": False}
 
 
 @pytest.mark.parametrize("wrong, closest", [("mhaa", "mha"), ("retnett", "retnet"),
@@ -96,7 +97,9 @@ EXPECTED_EDGES = [("linear_transformer", "retnet"), ("retnet", "gla"), ("gla", "
                   ("hawk", "griffin"), ("rwkv4", "rwkv6"), ("lstm", "slstm"),
                   ("lstm", "mlstm"), ("mlstm", "xlstm"), ("slstm", "xlstm")]
 # The architectures with no parents: a new mixer must name what it builds on.
-ROOTS = {"mha", "rnn", "fast_weights", "hippo"}
+# The roots of the family tree: attention, recurrence, fast weights, continuous-time memory,
+# dilated causal convolution (the long-conv lane) and structured matrices (Monarch, M2).
+ROOTS = {"mha", "rnn", "fast_weights", "hippo", "wavenet", "monarch"}
 
 
 def _parents(name):

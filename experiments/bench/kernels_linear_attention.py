@@ -342,13 +342,17 @@ def main(argv=None):
   """Default run: lean correctness + the main rows at B=8 T=4096 within ~90 s.
 
   `--full`: every correctness case, chunked for every row, the static-block variants,
-  B=2 T=16384, and the fla hook (`time_fla`)."""
-  full = "--full" in (sys.argv[1:] if argv is None else argv)
+  B=2 T=16384, and the fla hook (`time_fla`). `--timing_only`: no correctness pass (for a run
+  right after one that passed it on the same device; the output says it was skipped)."""
+  args = sys.argv[1:] if argv is None else argv
+  full = "--full" in args
   dev = jax.devices()[0]
   print(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}"
         f"{' (--full)' if full else ''}", flush=True)
   t0 = time.perf_counter()
-  if full:
+  if "--timing_only" in args:
+    print("correctness: SKIPPED (--timing_only)", flush=True)
+  elif full:
     check_correctness(cases=_all_cases())
   else:
     check_correctness(b=1, t=500)

@@ -44,7 +44,8 @@ _CONFIG_ARG = flags.DEFINE_string("config_arg", "mixer=mha", "Argument of the se
 
 # The torch side of step 3, run by nanoGPT's interpreter in its checkout (it imports model.py).
 _SCORE_NANOGPT = r"""
-import json, sys, numpy as np, torch, torch.nn.functional as F
+import json, os, sys, numpy as np, torch, torch.nn.functional as F
+sys.path.insert(0, os.getcwd())  # nanoGPT's checkout (the cwd), where model.py is
 from model import GPT, GPTConfig
 ck = torch.load(sys.argv[1], map_location="cuda", weights_only=False)
 model = GPT(GPTConfig(**ck["model_args"]))

@@ -23,6 +23,9 @@ or any object with attributes):
 - "copy": the lag-k copy task of `seqmix.data.copying` (`targets[t] = inputs[t - lag]`); fields
   as `seqmix.data.copying.make_datasets` documents (`vocab_size`, `lag`, `num_val_examples`).
 
+Any source: `pose_target_len` (optional) gives the training batches PoSE `positions` covering
+that length (`seqmix.data.pose`, `pose_chunks` chunks, default 2).
+
 `batch_size` is global: each JAX process gets `batch_size // jax.process_count()` rows.
 """
 
@@ -34,7 +37,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from seqmix.data import common, corpora, mqar, packing, text, token_store, tokenizers
+from seqmix.data import common, corpora, mqar, packing, pose, text, token_store, tokenizers
 
 _REQUIRED = object()
 
@@ -81,7 +84,12 @@ def make_datasets(data_cfg, *, seq_len: int, batch_size: int, seed: int,
   if name not in _BUILDERS:
     raise ValueError(f"Unknown data.name={name!r}; known: {sorted(_BUILDERS)}.")
   shard = {"process_index": process_index, "process_count": process_count}
-  return _BUILDERS[name](data_cfg, seq_len=seq_len, batch_size=batch_size, seed=seed, **shard)
+  ds = _BUILDERS[name](data_cfg, seq_len=seq_len, batch_size=batch_size, seed=seed, **shard)
+  pose_target = _get(data_cfg, "pose_target_len", None)
+  if pose_target is not None:   # PoSE training positions (seqmix.data.pose); validation as is
+    ds = ds._replace(train=pose.PoseIterator(ds.train, target_len=int(pose_target), seed=seed,
+                                             num_chunks=int(_get(data_cfg, "pose_chunks", 2))))
+  return ds
 
 
 def _windows(train_src, val_src, *, seq_len, batch_size, seed, vocab_size, decode, **shard):

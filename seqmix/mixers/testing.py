@@ -75,7 +75,7 @@ def build_pattern(name: str, d_model: int = D_MODEL, member_overrides=None,
       layers.append(m)
   members = tuple(
       (m, tuple(sorted({**registry.get(m).test_kwargs, **member_overrides.get(m, {})}.items())))
-      for m in layers)
+      for m in layers)  # registry.get("shared:<mixer>") is <mixer>'s entry
   return PatternStack(d_model=d_model, members=members)
 
 
@@ -88,13 +88,21 @@ class PatternStack(MixerBase):
   any member is not diluted by the input in the relative comparisons. No norms and no MLPs:
   those are the model's (tests/models covers the LanguageModel); this checks the members'
   caches, segment handling and positions when they are stacked.
-  The cache is a tuple of member caches.
+  A member "shared:<mixer>" is one module (`shared_<mixer>`, the layer_idx of its first
+  application) applied at every such layer, as the LanguageModel shares it; its kwargs are
+  those of its first application.
+  The cache is a tuple of member caches (one per layer, shared members included).
   """
   members: tuple = ()
 
   def _member(self, i, parent_free: bool):
     name, kwargs = self.members[i]
-    extra = {"parent": None} if parent_free else {"name": f"layer_{i}"}
+    if name != registry.base_name(name):
+      i = [m for m, _ in self.members].index(name)
+      kwargs = self.members[i][1]
+    extra = ({"parent": None} if parent_free else
+             {"name": f"layer_{i}" if name == registry.base_name(name)
+              else f"shared_{registry.base_name(name)}"})
     return registry.get(name).cls(d_model=self.d_model, layer_idx=i, n_layers=len(self.members),
                                   dtype=self.dtype, param_dtype=self.param_dtype,
                                   **dict(kwargs), **extra)
@@ -108,11 +116,16 @@ class PatternStack(MixerBase):
     """x [B, T, D] -> (Σ_i y_i [B, T, D], tuple of member caches | None)."""
     if not self.members:
       raise ValueError("PatternStack needs members; build it with build_pattern(name).")
-    h, out, new = x, jnp.zeros_like(x), []
-    for i in range(len(self.members)):
-      y, c = self._member(i, False)(h, segment_ids=segment_ids, positions=positions,
-                                    cache=None if cache is None else cache[i],
-                                    deterministic=deterministic)
+    h, out, new, shared = x, jnp.zeros_like(x), [], {}
+    for i, (name, _) in enumerate(self.members):
+      if name == registry.base_name(name):
+        module = self._member(i, False)
+      else:  # one module for every application of a shared member
+        if name not in shared:
+          shared[name] = self._member(i, False)
+        module = shared[name]
+      y, c = module(h, segment_ids=segment_ids, positions=positions,
+                    cache=None if cache is None else cache[i], deterministic=deterministic)
       h, out = h + y.astype(h.dtype), out + y.astype(h.dtype)
       new.append(c)
     return out, (None if cache is None else tuple(new))

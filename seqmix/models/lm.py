@@ -22,6 +22,13 @@ Init (GPT-2 style): embeddings normal(`embed_init_scale`), MLP and untied head n
 `residual_init_scaling=True` scales the MLP output projections by 1/sqrt(2·n_layers) (GPT-2).
 Mixers own the init of their own projections (they receive `layer_idx` and `n_layers`).
 
+Shared blocks: a layer named "shared:<mixer>" (in a spec, "mamba,shared:mha", or a registered
+pattern such as zamba) is one block, `params["shared_<mixer>"]` (its norms, mixer and MLP), that
+every "shared:<mixer>" layer applies: one set of parameters, its layer_idx that of its first
+application, and one cache per application (each application sees its own input stream).
+`shared_mlp` gives shared blocks their own MLP choice (Zamba: Mamba blocks without an MLP, the
+shared attention block with one).
+
 scan_layers: the blocks run under `nn.scan` with parameters stacked on a leading layer axis
 (`params["blocks"]`, each leaf [n_layers, ...]); unscanned, they are `params["block_<i>"]`.
 `stack_block_params` / `unstack_block_params` convert one layout into the other. Every scanned
@@ -55,11 +62,12 @@ NO_MIXER = "none"  # `mixer="none"`: blocks without token mixing (the ablation /
 # A stateful MLP also gets d_model, layer_idx and n_layers, the block's segment ids, and keeps
 # its own initialisation (RWKV's depth-dependent token-shift mix, orthogonal/zero kernels).
 MLPS: dict[str, type] = {"swiglu": mlp_lib.SwiGLU, "gelu": mlp_lib.GeluMLP,
+                         "gelu_tanh": mlp_lib.GeluTanhMLP, "geglu": mlp_lib.GeGLU,
                          "rwkv_channel_mix": rwkv_channel_mix.RWKVChannelMix}
 # Hidden width M = round(mlp_ratio · d_model) when mlp_ratio is None: GPT-2's 4 for GELU, and
 # 8/3 for SwiGLU (its three matrices then hold as many parameters as GELU's two at 4); RWKV-6's
 # channel mix: int(3.5 · D) rounded down to a multiple of 32 (`rwkv_hidden`).
-DEFAULT_MLP_RATIO = {"swiglu": 8 / 3, "gelu": 4.0}
+DEFAULT_MLP_RATIO = {"swiglu": 8 / 3, "geglu": 8 / 3, "gelu": 4.0, "gelu_tanh": 4.0}
 
 REMAT_POLICIES: dict[str, Callable | None] = {
     "full": None,  # save nothing, recompute the block in the backward pass
@@ -167,14 +175,22 @@ class LanguageModel(nn.Module):
   vocab_size: Vo. d_model: width D. n_layers: number of blocks.
   mixer: a registry name ("mha"), a registered pattern ("griffin"), a comma-separated
     pattern repeated over the depth ("gla,gla,mha"), or "none" (blocks without token mixing).
+    An entry "shared:<mixer>" makes those layers one shared block (module docstring).
   mixer_kwargs: mixer name -> dict of that mixer's hyperparameters (entries for mixers not in
     the pattern are allowed and unused, so a sweep can keep them all).
-  mlp: "swiglu" | "gelu" | "rwkv_channel_mix" (stateful, RWKV-6's) | "none".
-    mlp_ratio: hidden M = round(mlp_ratio · D); None -> 8/3 (swiglu), 4 (gelu), or RWKV-6's
+  mlp: "swiglu" | "geglu" (tanh-GELU gate: Gemma, Griffin) | "gelu" (exact erf) | "gelu_tanh"
+    (GPT-2's tanh approximation) | "rwkv_channel_mix" (stateful, RWKV-6's) | "none".
+    mlp_ratio: hidden M = round(mlp_ratio · D); None -> 8/3 (swiglu, geglu), 4 (gelu, gelu_tanh), or RWKV-6's
     int(3.5 · D) rounded down to a multiple of 32 (rwkv_channel_mix).
-  norm: "rmsnorm" | "layernorm". norm_eps: its epsilon.
+  shared_mlp: None (shared blocks use `mlp`), or the MLP of the "shared:<mixer>" blocks, with
+    the same choices; its hidden width follows mlp_ratio the same way.
+  norm: "rmsnorm" | "layernorm" | "rmsnorm_1p" (RMSNorm scaled by 1 + w, Gemma's). norm_eps: its
+    epsilon.
   use_bias: biases in norms (layernorm) and MLPs (nanoGPT's `bias`).
   tie_embeddings: the head is the transposed token embedding.
+  embed_scale: the token embeddings are multiplied by it (1; Gemma / RecurrentGemma: √D, which
+    transformers rounds to bfloat16 first).
+  logit_softcap: None, or c: logits = c · tanh(logits / c) (RecurrentGemma / Gemma 2: 30).
   pos_embedding: "none" | "learned" (absolute, added at the embedding; up to max_len).
   max_len: size of the learned position table.
   dropout: rate after the embedding and on each residual branch (training only).
@@ -192,10 +208,13 @@ class LanguageModel(nn.Module):
   mixer_kwargs: Any = dataclasses.field(default_factory=dict)
   mlp: str = "swiglu"
   mlp_ratio: float | None = None
+  shared_mlp: str | None = None
   norm: str = "rmsnorm"
   norm_eps: float = 1e-6
   use_bias: bool = False
   tie_embeddings: bool = True
+  embed_scale: float = 1.0
+  logit_softcap: float | None = None
   pos_embedding: str = "none"
   max_len: int = 2048
   dropout: float = 0.0
@@ -219,10 +238,16 @@ class LanguageModel(nn.Module):
       raise ValueError(f"n_layers={self.n_layers} must be >= 1.")
     if self.mlp != "none" and self.mlp not in MLPS:
       raise ValueError(f"mlp={self.mlp!r} is not one of {sorted(MLPS) + ['none']}.")
+    if self.shared_mlp not in (None, "none", *MLPS):
+      raise ValueError(f"shared_mlp={self.shared_mlp!r} is not None or one of "
+                       f"{sorted(MLPS) + ['none']}.")
     if self.norm not in norms.NORMS:
       raise ValueError(f"norm={self.norm!r} is not one of {sorted(norms.NORMS)}.")
     if self.pos_embedding not in ("none", "learned"):
       raise ValueError(f"pos_embedding={self.pos_embedding!r} is not 'none' or 'learned'.")
+    if self.logit_softcap is not None and not self.logit_softcap > 0:
+      raise ValueError(f"logit_softcap={self.logit_softcap} must be > 0 (RecurrentGemma: 30) "
+                       "or None (no cap).")
     if self.remat not in ("none", *REMAT_POLICIES):
       raise ValueError(f"remat={self.remat!r} is not one of {['none', *REMAT_POLICIES]}.")
     for name in self.mixer_kwargs or {}:
@@ -230,26 +255,41 @@ class LanguageModel(nn.Module):
     if self.mixer.strip() == NO_MIXER:
       return [NO_MIXER] * self.n_layers
     names = registry.expand_pattern(self.mixer, self.n_layers)
-    for name in sorted(set(names)):
+    for name in sorted({registry.base_name(n) for n in names}):
       _check_mixer_kwargs(name, (self.mixer_kwargs or {}).get(name, {}))
+    shared = sorted({n for n in names if n != registry.base_name(n)})
+    if self.scan_layers and shared:
+      raise ValueError(f"scan_layers=True stacks one parameter set per layer, but {shared} "
+                       f"share one block across layers; set scan_layers=False.")
+    if self.shared_mlp is not None and not shared:
+      raise ValueError(f"shared_mlp={self.shared_mlp!r} is set but mixer={self.mixer!r} has no "
+                       f"'shared:<mixer>' layers; drop shared_mlp or share a layer.")
     if self.scan_layers and len(set(names)) > 1:
       raise ValueError(
           f"scan_layers=True needs the same mixer in every layer, but mixer={self.mixer!r} "
           f"gives {sorted(set(names))}; set scan_layers=False for a hybrid stack.")
     return names
 
-  def _mlp_hidden(self) -> int:
-    if self.mlp == "none":
+  def _layer_mlp(self, layer: str) -> str:
+    """The MLP name of one layer: shared_mlp for a shared block when given, else mlp."""
+    if layer != registry.base_name(layer) and self.shared_mlp is not None:
+      return self.shared_mlp
+    return self.mlp
+
+  def _mlp_hidden(self, mlp: str | None = None) -> int:
+    mlp = self.mlp if mlp is None else mlp
+    if mlp == "none":
       return 0
-    if self.mlp == "rwkv_channel_mix" and self.mlp_ratio is None:
+    if mlp == "rwkv_channel_mix" and self.mlp_ratio is None:
       return rwkv_channel_mix.rwkv_hidden(self.d_model)
-    ratio = DEFAULT_MLP_RATIO[self.mlp] if self.mlp_ratio is None else self.mlp_ratio
+    ratio = DEFAULT_MLP_RATIO[mlp] if self.mlp_ratio is None else self.mlp_ratio
     return max(1, round(ratio * self.d_model))
 
-  def _block_kwargs(self, deterministic: bool) -> dict:
+  def _block_kwargs(self, deterministic: bool, mlp: str | None = None) -> dict:
+    mlp = self.mlp if mlp is None else mlp
     out_std = self.init_std / (math.sqrt(2 * self.n_layers) if self.residual_init_scaling else 1)
-    return dict(d_model=self.d_model, n_layers=self.n_layers, mlp=self.mlp,
-                mlp_hidden=self._mlp_hidden(), norm=self.norm, norm_eps=self.norm_eps,
+    return dict(d_model=self.d_model, n_layers=self.n_layers, mlp=mlp,
+                mlp_hidden=self._mlp_hidden(mlp), norm=self.norm, norm_eps=self.norm_eps,
                 use_bias=self.use_bias, dropout=self.dropout, deterministic=deterministic,
                 init_std=self.init_std, mlp_out_std=out_std, dtype=self.dtype,
                 param_dtype=self.param_dtype)
@@ -277,6 +317,8 @@ class LanguageModel(nn.Module):
                                                axes.VOCAB, axes.EMBED),
                      dtype=self.dtype, param_dtype=self.param_dtype, name="embed")
     x = embed(tokens)  # [b, t, d]
+    if self.embed_scale != 1.0:
+      x = x * jnp.asarray(self.embed_scale, x.dtype)
     if self.pos_embedding == "learned":
       if positions is None:
         if cache is not None:
@@ -304,11 +346,19 @@ class LanguageModel(nn.Module):
       if cache is not None and len(cache) != self.n_layers:
         raise ValueError(f"cache has {len(cache)} blocks but the model has {self.n_layers}; "
                          f"build it with this model's init_cache.")
-      new_caches = []
+      new_caches, shared = [], {}
       for i, name in enumerate(names):
-        x, c = block_cls(mixer_name=name, mixer_kwargs=(self.mixer_kwargs or {}).get(name, {}),
-                         layer_idx=i, name=f"block_{i}", **kw)(
-                             x, None if cache is None else cache[i], segment_ids, positions)
+        base = registry.base_name(name)
+        kwargs = dict(mixer_name=base, mixer_kwargs=(self.mixer_kwargs or {}).get(base, {}),
+                      layer_idx=i)
+        if name != base:  # one module, built at its first application, called at every one
+          if name not in shared:
+            shared[name] = block_cls(**kwargs, name=f"shared_{base}",
+                                     **self._block_kwargs(deterministic, self._layer_mlp(name)))
+          block = shared[name]
+        else:
+          block = block_cls(**kwargs, name=f"block_{i}", **kw)
+        x, c = block(x, None if cache is None else cache[i], segment_ids, positions)
         new_caches.append(c)
       new_cache = None if cache is None else tuple(new_caches)
 
@@ -323,7 +373,10 @@ class LanguageModel(nn.Module):
                         param_dtype=self.param_dtype,
                         kernel_init=axes.param(nn.initializers.normal(self.init_std),
                                                axes.EMBED, axes.VOCAB), name="head")(x)
-    return logits.astype(jnp.float32), new_cache
+    logits = logits.astype(jnp.float32)
+    if self.logit_softcap is not None:
+      logits = self.logit_softcap * jnp.tanh(logits / self.logit_softcap)
+    return logits, new_cache
 
   def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32):
     """Empty decoding caches: a tuple of BlockCache (one per block), or one BlockCache whose
@@ -333,15 +386,19 @@ class LanguageModel(nn.Module):
     for i, name in enumerate(names):
       mixer_cache = None
       if name != NO_MIXER:
-        mixer = registry.get(name).cls(
-            d_model=self.d_model, layer_idx=0 if self.scan_layers else i, n_layers=self.n_layers,
+        base = registry.base_name(name)
+        # A shared block is built with the layer_idx of its first application.
+        idx = 0 if self.scan_layers else (names.index(name) if name != base else i)
+        mixer = registry.get(base).cls(
+            d_model=self.d_model, layer_idx=idx, n_layers=self.n_layers,
             dtype=self.dtype, param_dtype=self.param_dtype, parent=None,
-            **dict((self.mixer_kwargs or {}).get(name, {})))
+            **dict((self.mixer_kwargs or {}).get(base, {})))
         mixer_cache = mixer.init_cache(batch_size, max_len, dtype=dtype)
       mlp_cache = None
-      cls = MLPS.get(self.mlp)
+      mlp = self._layer_mlp(name)
+      cls = MLPS.get(mlp)
       if cls is not None and getattr(cls, "stateful", False):
-        mlp_cache = cls(hidden=self._mlp_hidden(), d_model=self.d_model, dtype=self.dtype,
+        mlp_cache = cls(hidden=self._mlp_hidden(mlp), d_model=self.d_model, dtype=self.dtype,
                         param_dtype=self.param_dtype, parent=None).init_cache(
                             batch_size, max_len, dtype=dtype)
       caches.append(BlockCache(mixer_cache, mlp_cache))

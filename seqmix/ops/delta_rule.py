@@ -54,7 +54,13 @@ from seqmix.ops import _chunk
 from seqmix.ops._impl import resolve
 
 _AVAILABLE = {"reference": True, "chunked": True, "pallas": True}
-_AUTO = {"default": "chunked"}
+_AUTO = {"default": "chunked",
+         "why": {"gpu": "the gated kernel was checked on the H200, not yet timed"}}
+# The ungated delta rule's GPU `auto`, from one H200 run (README "Pallas kernels").
+_AUTO_UNGATED = {
+    "gpu": "pallas", "default": "chunked",
+    "why": {"gpu": "H200 2026-12-04, bf16 B=8 T=4096 H=16 K=V=128, ms fwd / fwd+bwd: pallas "
+                   "6.30 / 13.24 vs chunked 8.31 / 21.37, peak 2.53 vs 5.41 GiB"}}
 
 # The oracle's products run at full float32 precision on every backend (GPUs would otherwise
 # use TF32 for float32 matmuls).
@@ -80,7 +86,7 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None, chunk_s
     (o `[B, T, H, V]` in the dtype of v, final state float32 `[B, H, K, V]`).
   """
   _check(q, k, v, beta, g, initial_state, chunk_size)
-  impl = resolve("delta_rule", impl, _AVAILABLE, _AUTO)
+  impl = resolve("delta_rule", impl, _AVAILABLE, _AUTO if g is not None else _AUTO_UNGATED)
   if scale is None:
     scale = q.shape[-1] ** -0.5
   h = v.shape[2]

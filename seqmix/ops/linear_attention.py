@@ -55,6 +55,24 @@ from seqmix.ops._impl import resolve
 _AVAILABLE = {"reference": True, "chunked": True, "pallas": True}
 _AVAILABLE_RWKV6 = {"reference": True, "chunked": True, "pallas": True}
 _AUTO = {"default": "chunked"}
+# gla's GPU `auto` by gate form, from one H200 run (2026-12-04, bf16 B=8 T=4096 H=16 K=V=128,
+# README "Pallas kernels"): the kernels win forward and forward+backward for no, fixed and
+# scalar gates; per-key gates (and rwkv6) stay chunked: the kernels' backward is no faster.
+_AUTO_SCALAR_GATES = {
+    "gpu": "pallas", "default": "chunked",
+    "why": {"gpu": "H200 2026-12-04, bf16 B=8 T=4096 H=16 K=V=128, ms fwd / fwd+bwd: fixed gate "
+                   "pallas 0.713 (seq fwd) / 6.17 vs chunked 3.24 / 8.20; scalar gate 1.16 / "
+                   "6.51 vs 3.35 / 9.07; no gate pallas 0.63 / 1.80"}}
+_AUTO_PER_KEY = {
+    "default": "chunked",
+    "why": {"gpu": "H200 2026-12-04: per-key pallas 5.85 / 45.3 ms fwd / fwd+bwd against "
+                   "chunked 9.96 / 52.0 (an earlier run), rwkv6 pallas 5.94 / 54.9 vs 9.94 / "
+                   "52.6: not shown to win in one run"}}
+
+
+def gla_auto(g) -> dict:
+  """The `auto` table of `gla` for gate `g` (None, [H], [B, T, H] or [B, T, H, K])."""
+  return _AUTO_PER_KEY if g is not None and jnp.ndim(g) == 4 else _AUTO_SCALAR_GATES
 
 # Largest sub-chunk of the per-key form: its diagonal blocks hold a [c, c, K] float32 tensor
 # per sub-chunk (c floats per query/key element), its off-diagonal blocks keys decayed to each
@@ -88,7 +106,7 @@ def gla(q, k, v, g=None, *, scale=None, initial_state=None, chunk_size: int = 64
   """
   _check_qkv("gla", "q", q, k, v)
   _check_chunk("gla", chunk_size)
-  impl = resolve("gla", impl, _AVAILABLE, _AUTO)
+  impl = resolve("gla", impl, _AVAILABLE, gla_auto(g))
   b, t, _, kd = q.shape
   h = v.shape[2]
   h0 = _initial_state("gla", initial_state, b, h, kd, v.shape[3])
@@ -130,7 +148,7 @@ def rwkv6(r, k, v, w, u, *, scale=1.0, initial_state=None, chunk_size: int = 64,
   """
   _check_qkv("rwkv6", "r", r, k, v)
   _check_chunk("rwkv6", chunk_size)
-  impl = resolve("rwkv6", impl, _AVAILABLE_RWKV6, _AUTO)
+  impl = resolve("rwkv6", impl, _AVAILABLE_RWKV6, _AUTO_PER_KEY)
   b, t, hk, kd = r.shape
   h = v.shape[2]
   if hk != h:

@@ -124,7 +124,7 @@ def check_sequence_axis(model, mesh, rules) -> None:
     return
   layers = model.layer_mixers()
   bad = sorted({m for m in layers if m != "none" and not registry.get(m).sequence_parallel})
-  if getattr(model, "mlp", None) == "rwkv_channel_mix":
+  if "rwkv_channel_mix" in (getattr(model, "mlp", None), getattr(model, "shared_mlp", None)):
     bad.append("mlp='rwkv_channel_mix' (token shift)")
   if bad:
     ok = [m for m in registry.names(include_patterns=False) if registry.get(m).sequence_parallel]

@@ -16,6 +16,8 @@ Mesh-TF) need their q/k projection columns permuted to this layout.
 
 import jax.numpy as jnp
 
+from seqmix.positional import rope_scaling as scaling
+
 
 def rotary_dim(head_dim: int, fraction: float = 1.0) -> int:
   """R: the number of rotated channels of a head (even; the rest pass through)."""
@@ -36,20 +38,33 @@ def inverse_frequencies(rot_dim: int, base: float = 10000.0):
   return base ** (-jnp.arange(0, rot_dim, 2, dtype=jnp.float32) / rot_dim)
 
 
-def apply_rope(x, positions, *, base: float = 10000.0, fraction: float = 1.0):
+def apply_rope(x, positions, *, base: float = 10000.0, fraction: float = 1.0,
+               rope_scaling=None):
   """Rotate the first R channels of every head by position.  x [B,T,H,D], positions [B,T].
 
   Computed in float32, returned in x's dtype. positions may be any integers (absolute,
   offset for decoding, restarted per document).
+  rope_scaling: None (plain RoPE), or a Hugging Face style `rope_scaling` dict
+    (`seqmix.positional.rope_scaling`): its inverse frequencies replace θ, and its attention
+    factor multiplies the rotated channels (cos and sin, as HF), so q·k scales by its square.
+    "dynamic" and "longrope" read the current length as max(positions) + 1 (HF's rule).
   """
   if x.ndim != 4 or positions.shape != x.shape[:2]:
     raise ValueError(f"apply_rope: x must be [B,T,H,D] and positions [B,T]; got {x.shape=}, "
                      f"{positions.shape=}.")
   d = x.shape[-1]
   r = rotary_dim(d, fraction)
-  angles = positions.astype(jnp.float32)[..., None] * inverse_frequencies(r, base)  # [b, t, r/2]
+  if rope_scaling is None:
+    inv_freq, factor = inverse_frequencies(r, base), 1.0
+  else:
+    kind = scaling.rope_type(rope_scaling)
+    seq_len = jnp.max(positions) + 1 if kind in scaling.SEQ_LEN_DEPENDENT else None
+    inv_freq, factor = scaling.rope_parameters(rope_scaling, r, base, seq_len=seq_len)
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq                    # [b, t, r/2]
   cos = jnp.cos(angles)[:, :, None, :]                                            # [b, t, 1, r/2]
   sin = jnp.sin(angles)[:, :, None, :]
+  if factor != 1.0:
+    cos, sin = cos * factor, sin * factor
   x32 = x.astype(jnp.float32)
   x1, x2, rest = x32[..., : r // 2], x32[..., r // 2: r], x32[..., r:]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)

@@ -164,7 +164,7 @@ def _validate_model(m, t) -> None:
     raise ConfigError(f"model.mixer: {e}") from None
   kwargs = dict(m.get("mixer_kwargs", None) or {})
   for name, kw in kwargs.items():
-    if name not in names:
+    if name not in {registry.base_name(n) for n in names}:
       raise ConfigError(f"model.mixer_kwargs has an entry for {name!r}, which is not in the "
                         f"layer pattern {sorted(set(names))}; rename or remove it.")
     fields = _mixer_fields(registry.get(name).cls)

@@ -146,6 +146,13 @@ class TestGlaPallas:
     _check(_pallas_fn(self.INTERPRET, **opts), kind, strength, t, k_dim, dtype, with_h0,
            groups)
 
+  # The defaults as they are on the GPU for bfloat16: fixed and scalar gates take the
+  # sequential forward with the two-pass backward (ops.gla's `forward=None`).
+  @pytest.mark.parametrize(_AXES, [("fixed", "strong", 100, 64, jnp.bfloat16, True, 2)])
+  def test_default_options_match_reference(self, kind, strength, t, k_dim, dtype, with_h0,
+                                           groups):
+    _check(_pallas_fn(self.INTERPRET), kind, strength, t, k_dim, dtype, with_h0, groups)
+
   @pytest.mark.slow
   @pytest.mark.parametrize(_AXES, _GRID)
   def test_pallas_matches_reference_full_grid(self, kind, strength, t, k_dim, dtype, with_h0,

@@ -47,7 +47,8 @@ CROSS_T, CROSS_CHUNK, CROSS_FIRST, CROSS_SPLIT = 40, 16, 21, 27
 # mixers' scans are forced to impl="chunked" (name -> the field holding the scan's impl).
 CHUNKED_SCAN_FIELD = {"hawk": "impl", "hgrn": "impl", "mingru": "impl", "minlstm": "impl",
                       "lru": "impl", "s5": "impl", "mega": "scan_impl", "s4d": "scan_impl",
-                      "dss": "scan_impl", "h3": "scan_impl", "gss": "scan_impl"}
+                      "dss": "scan_impl", "h3": "scan_impl", "gss": "scan_impl",
+                      "metaformer": "impl"}
 
 
 def _cross_chunk_overrides(name):
@@ -141,6 +142,10 @@ def test_across_chunks(name):
 LEARNING_KNOWN_FAILURES = {
     "retnet": ("seeds 0/1/2 reach 0.848/0.853/0.847 (flag on), 0.865/0.864/0.822 (off), "
                "all < 0.9 (cause not yet known)"),
+    "infini_attention": ("seeds 0/1 reach 0.563/0.588 (flag on), < 0.9 as expected: with "
+                         "test_kwargs segment_len=4 the first two tokens of every segment (half "
+                         "the positions) see the token two back only through the position-free "
+                         "compressive memory, not the local attention"),
     "lightning": ("seeds 0/1/2 reach 0.540/0.469/0.483 (flag on), 0.541/0.485/0.475 (off), "
                   "all < 0.9: its relative position encoding (LRPE) is not built"),
 }

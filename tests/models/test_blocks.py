@@ -71,3 +71,35 @@ def test_mlps_match_their_formulas():
   want = jax.nn.gelu(X @ k["wi"] + b["wi"], approximate=False) @ k["wo"] + b["wo"]
   assert_rel_close(y, want, RTOL["float32"], "gelu mlp")
   assert p["wi"]["kernel"].names == ("embed", "mlp") and p["wo"]["kernel"].names == ("mlp", "embed")
+
+
+def test_gelu_tanh_mlp_matches_gpt2_gelu_new():
+  y, p = _run(mlp.GeluTanhMLP(hidden=9, use_bias=True), X)
+  k = {n: np.asarray(v["kernel"].value, np.float64) for n, v in p.items()}
+  b = {n: np.asarray(v["bias"].value, np.float64) for n, v in p.items()}
+  h = np.asarray(X, np.float64) @ k["wi"] + b["wi"]
+  gelu_new = 0.5 * h * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (h + 0.044715 * h ** 3)))  # GPT-2
+  assert_rel_close(y, gelu_new @ k["wo"] + b["wo"], RTOL["float32"], "gelu_tanh mlp")
+
+
+def test_rmsnorm_1p_scales_by_one_plus_w():
+  """Gemma's parameterisation: y = x / rms(x) · (1 + w), w = 0 at init."""
+  m = norms.make_norm("rmsnorm_1p", eps=1e-6, use_bias=False, dtype=None,
+                      param_dtype=jnp.float32)
+  _, p = _run(m, X)
+  np.testing.assert_array_equal(np.asarray(p["scale"].value), 0.0)
+  w = np.random.default_rng(2).standard_normal(12).astype(np.float32)
+  y = m.apply({"params": {"scale": w}}, X)
+  assert_rel_close(y, _rms(np.asarray(X, np.float64), 1e-6) * (1.0 + w), RTOL["float32"],
+                   "rmsnorm_1p")
+
+
+def test_geglu_matches_its_formula():
+  y, p = _run(mlp.GeGLU(hidden=7, use_bias=True), X)
+  k = {n: np.asarray(v["kernel"].value, np.float64) for n, v in p.items()}
+  b = {n: np.asarray(v["bias"].value, np.float64) for n, v in p.items()}
+  x = np.asarray(X, np.float64)
+  g = x @ k["wi_gate"] + b["wi_gate"]
+  gelu = 0.5 * g * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (g + 0.044715 * g ** 3)))
+  want = (gelu * (x @ k["wi_up"] + b["wi_up"])) @ k["wo"] + b["wo"]
+  assert_rel_close(y, want, RTOL["float32"], "geglu")

@@ -310,3 +310,39 @@ def test_learned_positions_need_positions_when_decoding(mixer):
     model.apply({"params": params}, _tokens(t=1), cache=model.init_cache(B, 4))
   with pytest.raises(ValueError, match="exceeds max_len=32"):
     model.apply({"params": params}, _tokens(t=33))
+
+
+_MHA = ("mha", {"mha": {"num_heads": 4}})
+
+
+def test_embed_scale_equals_scaled_embedding_table():
+  """embed_scale s with table E computes what s·E does (untied, so the head is unchanged)."""
+  scaled, plain = _model(_MHA, embed_scale=2.5, tie_embeddings=False), _model(
+      _MHA, tie_embeddings=False)
+  tokens = _tokens()
+  params = _params(plain)
+  s_params = {**params, "embed": {"embedding": 2.5 * params["embed"]["embedding"]}}
+  assert_rel_close(_fwd(scaled)(params, tokens)[0], _fwd(plain)(s_params, tokens)[0],
+                   RTOL["float32"], "embed_scale")
+
+
+def test_logit_softcap_is_c_tanh_of_logits_over_c():
+  capped, plain = _model(_MHA, logit_softcap=0.5), _model(_MHA)
+  tokens = _tokens()
+  params = _params(plain)
+  raw = np.asarray(_fwd(plain)(params, tokens)[0], np.float64)
+  assert np.abs(raw).max() > 0.5  # the cap is active somewhere
+  assert_rel_close(_fwd(capped)(params, tokens)[0], 0.5 * np.tanh(raw / 0.5), RTOL["float32"],
+                   "softcap")
+  with pytest.raises(ValueError, match="logit_softcap=0.0 must be > 0"):
+    _model(_MHA, logit_softcap=0.0).init(jax.random.key(0), tokens)
+
+
+def test_mha_o_bias_overrides_use_bias_on_the_output_projection_only():
+  from seqmix.mixers.attention.mha import MHA
+  x = jnp.ones((1, 3, D))
+  p = nn.unbox(MHA(d_model=D, num_heads=4, o_bias=True).init(jax.random.key(0), x))["params"]
+  assert "bias" in p["o_proj"] and "bias" not in p["q_proj"]
+  p = nn.unbox(MHA(d_model=D, num_heads=4, use_bias=True, o_bias=False).init(
+      jax.random.key(0), x))["params"]
+  assert "bias" not in p["o_proj"] and "bias" in p["k_proj"]

@@ -5,6 +5,8 @@ QK-norm.
     q = x W_q [B,T,H,Dh],  k = x W_k, v = x W_v [B,T,G,Dh]     (G = num_kv_heads; H % G == 0)
     q, k <- RMSNorm_head(q), RMSNorm_head(k)                   (qk_norm)
     q, k <- rope(q, positions), rope(k, positions)              (position="rope")
+    q, k <- c.rotate(q, k, positions); bias <- c.bias(...)      (another registered component c,
+                                                                 seqmix.positional.base)
     o = softmax(Dh^-1/2 q kᵀ + alibi | causal, window, segments) v   (seqmix.ops.attention)
     y = dropout(o) W_o
 
@@ -18,7 +20,7 @@ sees only itself and the W − 1 tokens before it. A call with a cache attends f
 tokens to [cache slots, new tokens] with an explicit mask, then writes the new tokens in.
 """
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -31,7 +33,11 @@ from seqmix.ops import attention as attention_op
 from seqmix.parallel import axes
 from seqmix.parallel import dispatch
 from seqmix.positional import alibi, rope
+from seqmix.positional import base as positional
+from seqmix.positional import rope_scaling as rope_scaling_lib
 
+# The encodings mha applies inline (as before the positional registry); every other
+# registered name (seqmix.positional.base.names()) is applied through its component.
 POSITIONS = ("rope", "alibi", "none")
 
 
@@ -39,7 +45,8 @@ class MHACache(NamedTuple):
   k: jax.Array       # [B, S, G, Dh] keys (RoPE applied), cache dtype
   v: jax.Array       # [B, S, G, Dh] values, cache dtype
   idx: jax.Array     # [B, S] int32 token index held by each slot (−1: empty)
-  pos: jax.Array     # [B, S] int32 position of each slot's token (ALiBi distances)
+  pos: jax.Array     # [B, S] int32 position of each slot's token as the bias sees it (ALiBi
+                     # distances; a component's bias_positions, e.g. BiPE's sentence index)
   seg: jax.Array     # [B, S] int32 segment id of each slot's token
   length: jax.Array  # [B] int32 tokens seen so far (the next token's index)
 
@@ -56,13 +63,22 @@ class MHA(MixerBase):
   num_kv_heads: key/value heads G (None: H, plain MHA; 1: multi-query; else grouped-query).
     Must divide num_heads; query head i reads kv head i // (H/G).
   head_dim: Dh (None: d_model // num_heads, which must then divide evenly).
-  position: "rope" | "alibi" | "none" (learned absolute positions are the model's job).
+  position: a registered positional component (`seqmix.positional.base.names()`): "rope",
+    "alibi", "none" (applied inline, as always), or e.g. "t5", "kerple_log", "fire", "xpos",
+    "cope" (applied through the component: a rotation of q/k before caching and/or an
+    additive logit bias computed for the cached positions when decoding). Learned absolute
+    positions are the model's job.
+  position_kwargs: options of a registry component (dict, e.g. {"num_buckets": 64} for
+    "t5"); None for the defaults. Not used by rope / alibi / none.
   rope_base: RoPE base (10000). rope_fraction: share of each head's channels that rotate
     (rotate-half layout, see `seqmix.positional.rope`).
+  rope_scaling: None, or a Hugging Face `rope_scaling` dict (`seqmix.positional.rope_scaling`).
   window: None, or W: each token attends to itself and the W − 1 tokens before it; decoding
     then keeps a ring buffer of W slots.
   qk_norm: RMSNorm (learned scale [Dh]) on every query and key head before RoPE.
   use_bias: biases on the q/k/v/output projections.
+  o_bias: None (default: as use_bias), or whether the output projection has a bias on its own
+    (RecurrentGemma: q/k/v without, output with).
   dropout: dropout rate on the attention output (before W_o); only when not deterministic
     (needs a "dropout" rng).
   attn_dropout: dropout rate on the attention probabilities (nanoGPT's attn_dropout); only
@@ -76,12 +92,15 @@ class MHA(MixerBase):
   position: str = "rope"
   rope_base: float = 10000.0
   rope_fraction: float = 1.0
+  rope_scaling: dict | None = None
   window: int | None = None
   qk_norm: bool = False
   use_bias: bool = False
+  o_bias: bool | None = None
   dropout: float = 0.0
   attn_dropout: float = 0.0
   impl: str = "auto"
+  position_kwargs: Any = None
 
   def _dims(self):
     """(H, G, Dh), after checking the configuration."""
@@ -93,11 +112,12 @@ class MHA(MixerBase):
     dh = self.head_dim or self.d_model // h
     g = self.num_kv_heads or h
     check_divisible("num_heads", h, g, "num_kv_heads")
-    if self.position not in POSITIONS:
-      raise ValueError(f"position={self.position!r} is not one of {POSITIONS}; learned absolute "
-                       "positions belong to the model (pos_embedding='learned').")
+    if positional.get(self.position).builtin and self.position_kwargs:
+      raise ValueError(f"position_kwargs={self.position_kwargs!r} given, but position="
+                       f"{self.position!r} takes none (its options are mha's rope_* fields).")
     if self.position == "rope":
       rope.rotary_dim(dh, self.rope_fraction)
+      rope_scaling_lib.rope_type(self.rope_scaling)
     if self.window is not None and self.window < 1:
       raise ValueError(f"window={self.window} must be >= 1 (keys a token sees, itself "
                        "included) or None.")
@@ -148,12 +168,18 @@ class MHA(MixerBase):
     index = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]     # [b, t] token index
     positions = index if positions is None else positions.astype(jnp.int32)
     if self.position == "rope":
-      q = rope.apply_rope(q, positions, base=self.rope_base, fraction=self.rope_fraction)
-      k = rope.apply_rope(k, positions, base=self.rope_base, fraction=self.rope_fraction)
+      rot = dict(base=self.rope_base, fraction=self.rope_fraction, rope_scaling=self.rope_scaling)
+      q, k = rope.apply_rope(q, positions, **rot), rope.apply_rope(k, positions, **rot)
     slopes = alibi.alibi_slopes(h) if self.position == "alibi" else None
+    pe = self._component(h, dh)
+    if pe is not None:
+      q, k = pe.rotate(q, k, positions)
+      positions = pe.bias_positions(positions, cache)
 
     if cache is None:
       bias = None if slopes is None else alibi.alibi_bias(slopes, positions, positions)
+      if pe is not None and pe.BIAS:
+        bias = self._parallel_bias(pe, q, k, index, positions, segment_ids)
       drop = self.attn_dropout if not deterministic else 0.0
       o, _ = dispatch.attention(q, k, v, causal=True, window=self.window,
                                 segment_ids=segment_ids, bias=bias, dropout_rate=drop,
@@ -161,18 +187,38 @@ class MHA(MixerBase):
                                 impl=self.impl)
       new_cache = None
     else:
-      o, new_cache = self._decode(q, k, v, index, positions, segment_ids, cache, slopes)
+      o, new_cache = self._decode(q, k, v, index, positions, segment_ids, cache, slopes, pe)
 
     if self.dropout > 0:
       o = nn.Dropout(self.dropout)(o, deterministic=deterministic)
-    y = nn.DenseGeneral(self.d_model, axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype,
+    o_bias = self.use_bias if self.o_bias is None else self.o_bias
+    y = nn.DenseGeneral(self.d_model, axis=(-2, -1), use_bias=o_bias, dtype=self.dtype,
                         param_dtype=self.param_dtype, name="o_proj",
                         kernel_init=axes.param(nn.initializers.lecun_normal(), axes.HEADS,
                                                axes.KV, axes.EMBED),
                         bias_init=axes.param(nn.initializers.zeros, axes.EMBED))(o)  # [b, t, d]
     return y, new_cache
 
-  def _decode(self, q, k, v, index, positions, segment_ids, cache, slopes):
+  def _component(self, h, dh):
+    """The registered positional component (None for the inline rope / alibi / none)."""
+    if positional.get(self.position).builtin:
+      return None
+    return positional.build(self.position, num_heads=h, head_dim=dh, rope_base=self.rope_base,
+                            rope_fraction=self.rope_fraction, kwargs=self.position_kwargs)
+
+  def _parallel_bias(self, pe, q, k, index, positions, segment_ids):
+    """The component's bias [B|1,H,T,T] over the whole sequence (the mask only if it reads
+    content: the op applies causality, window and segments itself)."""
+    visible = None
+    if pe.CONTENT:
+      visible = index[:, None, :] <= index[:, :, None]                # [b, t, t]
+      if self.window is not None:
+        visible &= index[:, None, :] > index[:, :, None] - self.window
+      if segment_ids is not None:
+        visible &= segment_ids[:, None, :] == segment_ids[:, :, None]
+    return pe.bias(q, k, positions, positions, visible=visible)
+
+  def _decode(self, q, k, v, index, positions, segment_ids, cache, slopes, pe=None):
     """Attend from T new tokens to [cache slots, new tokens]; write the new tokens in.
 
     q [B,T,H,Dh], k/v [B,T,G,Dh], index/positions [B,T] -> (o [B,T,H,Dh], MHACache).
@@ -191,6 +237,8 @@ class MHA(MixerBase):
     if self.window is not None:
       visible &= k_idx > q_idx - self.window                         # [b, t, s + t]
     base = 0.0 if slopes is None else alibi.alibi_bias(slopes, positions, pos_all)
+    if pe is not None and pe.BIAS:   # the bias of the cached positions only: [b, h, t, s + t]
+      base = pe.bias(q, k_all, positions, pos_all, k_idx=idx_all, visible=visible)
     # A finite mask value: every query sees at least itself, so no row is all-masked and
     # exp(mask − max) is exactly 0.
     bias = jnp.where(visible[:, None], base, jnp.float32(-1e30))     # [b, h|1, t, s + t]

@@ -1,4 +1,5 @@
-"""Channel MLPs of a block: SwiGLU (LLaMA) and GELU (GPT-2 / nanoGPT).
+"""Channel MLPs of a block: SwiGLU (LLaMA) and GELU (GPT-2 / nanoGPT; `GeluTanhMLP` is GPT-2's
+tanh-approximate `gelu_new`).
 
 Both map x [B, T, D] -> [B, T, D] through a hidden width M and take `deterministic`
 for dropout. Kernels carry logical axes (embed, mlp) / (mlp, embed). `out_init` lets the
@@ -24,7 +25,7 @@ def _dense(features, in_axis, out_axis, *, use_bias, init, dtype, param_dtype, n
 
 
 class SwiGLU(nn.Module):
-  """y = W_o (silu(x W_g) ⊙ x W_u).  x [B, T, D] -> [B, T, D], hidden M = `hidden`.
+  """y = W_o (act(x W_g) ⊙ x W_u), act = silu.  x [B, T, D] -> [B, T, D], hidden M = `hidden`.
 
   hidden: hidden width M.
   use_bias: biases on the three projections.
@@ -40,12 +41,16 @@ class SwiGLU(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
+  @staticmethod
+  def _act(x):
+    return jax.nn.silu(x)
+
   @nn.compact
   def __call__(self, x, *, deterministic: bool = True):
     kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
     gate = _dense(self.hidden, axes.EMBED, axes.MLP, init=self.kernel_init, name="wi_gate", **kw)(x)
     up = _dense(self.hidden, axes.EMBED, axes.MLP, init=self.kernel_init, name="wi_up", **kw)(x)
-    h = jax.nn.silu(gate) * up  # [b, t, m]
+    h = self._act(gate) * up  # [b, t, m]
     y = _dense(x.shape[-1], axes.MLP, axes.EMBED, init=self.out_init, name="wo", **kw)(h)
     return nn.Dropout(self.dropout)(y, deterministic=deterministic)
 
@@ -74,3 +79,21 @@ class GeluMLP(nn.Module):
     h = jax.nn.gelu(h, approximate=self.approximate)  # [b, t, m]
     y = _dense(x.shape[-1], axes.MLP, axes.EMBED, init=self.out_init, name="wo", **kw)(h)
     return nn.Dropout(self.dropout)(y, deterministic=deterministic)
+
+
+class GeluTanhMLP(GeluMLP):
+  """GeluMLP with the tanh approximation of GELU (GPT-2's `gelu_new`, Hugging Face's
+  `gelu_pytorch_tanh`): gelu(h) ≈ ½h(1 + tanh(√(2/π)(h + 0.044715h³))). The model's
+  mlp="gelu_tanh"; a separate name because the model builds MLPs from shared fields only.
+  """
+  approximate: bool = True
+
+
+class GeGLU(SwiGLU):
+  """y = W_o (gelu_tanh(x W_g) ⊙ x W_u): SwiGLU with the tanh-approximate GELU gate (Gemma,
+  Griffin / RecurrentGemma's MLP block). The model's mlp="geglu"; parameters as SwiGLU's.
+  """
+
+  @staticmethod
+  def _act(x):
+    return jax.nn.gelu(x, approximate=True)

@@ -21,16 +21,20 @@ def _rms_normalise(x32, eps: float):
 
 
 class RMSNorm(nn.Module):
-  """y = x / sqrt(mean(x²) + eps) · scale over the last axis.  x [..., D] -> y [..., D].
+  """y = x / sqrt(mean(x²) + eps) · (scale_offset + scale) over the last axis.  x [..., D].
 
   eps: added to the mean square.
-  use_scale: learn a per-channel scale (init 1).
+  use_scale: learn a per-channel scale (init 1 − scale_offset, so the norm starts as plain RMS
+    normalisation).
+  scale_offset: 0 (default); 1 is Gemma / RecurrentGemma's `x · (1 + w)` parameterisation
+    (the model's norm="rmsnorm_1p"), whose learned w is 0 at init.
   dtype: output dtype (None: the input's dtype); statistics are float32.
   param_dtype: dtype of the scale.
   axis_name: logical axis name of the normalised dimension.
   """
   eps: float = 1e-6
   use_scale: bool = True
+  scale_offset: float = 0.0
   dtype: Any = None
   param_dtype: Any = jnp.float32
   axis_name: str = axes.EMBED
@@ -40,9 +44,11 @@ class RMSNorm(nn.Module):
     out_dtype = self.dtype or x.dtype
     y = _rms_normalise(x.astype(jnp.float32), self.eps)
     if self.use_scale:
-      scale = self.param("scale", axes.param(nn.initializers.ones, self.axis_name),
-                         (x.shape[-1],), self.param_dtype)
-      y = y * jnp.asarray(scale, jnp.float32)
+      init = nn.initializers.constant(1.0 - self.scale_offset)
+      scale = self.param("scale", axes.param(init, self.axis_name), (x.shape[-1],),
+                         self.param_dtype)
+      scale = jnp.asarray(scale, jnp.float32)
+      y = y * (scale + self.scale_offset if self.scale_offset else scale)
     return y.astype(out_dtype)
 
 
@@ -127,13 +133,15 @@ class GatedRMSNorm(nn.Module):
     return y.astype(out_dtype)
 
 
-NORMS = {"rmsnorm": RMSNorm, "layernorm": LayerNorm}
+NORMS = {"rmsnorm": RMSNorm, "layernorm": LayerNorm, "rmsnorm_1p": RMSNorm}
 
 
 def make_norm(kind: str, *, eps: float, use_bias: bool, dtype, param_dtype, name=None):
-  """The model's norm by config name ("rmsnorm" | "layernorm"); RMSNorm has no bias."""
+  """The model's norm by config name ("rmsnorm" | "layernorm" | "rmsnorm_1p": RMSNorm scaled by
+  1 + w, Gemma's); RMSNorm has no bias."""
   if kind not in NORMS:
     raise ValueError(f"norm={kind!r} is not one of {sorted(NORMS)}.")
   if kind == "layernorm":
     return LayerNorm(eps=eps, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name)
-  return RMSNorm(eps=eps, dtype=dtype, param_dtype=param_dtype, name=name)
+  return RMSNorm(eps=eps, scale_offset=1.0 if kind == "rmsnorm_1p" else 0.0, dtype=dtype,
+                 param_dtype=param_dtype, name=name)

@@ -72,7 +72,11 @@ class Mamba2(MixerBase):
   dt_min, dt_max, dt_init_floor: Δ at init ~ LogUniform(dt_min, dt_max), >= dt_init_floor.
   A_init_range: A ~ U(low, high) at init (1, 16).
   norm_eps: eps of the gated RMSNorm.
-  conv_bias: bias in the short conv.
+  norm_groups: groups of the gated RMSNorm (None: ngroups, as mamba_ssm; 1: normalise the whole
+    inner width at once, as transformers' `Mamba2` does whatever its n_groups). Must divide
+    nheads.
+  conv_bias: bias in the short conv. bias: biases on W_in / W_out (False, as mamba_ssm's
+    default; transformers' `use_bias`).
   chunk_size, impl: passed to `linear_attention.gla`; conv_impl to `conv.causal_conv`.
   """
   d_state: int = 128
@@ -85,7 +89,9 @@ class Mamba2(MixerBase):
   dt_init_floor: float = 1e-4
   A_init_range: tuple = (1.0, 16.0)
   norm_eps: float = 1e-5
+  norm_groups: int | None = None
   conv_bias: bool = True
+  bias: bool = False
   chunk_size: int = 64
   impl: str = "auto"
   conv_impl: str = "auto"
@@ -95,6 +101,8 @@ class Mamba2(MixerBase):
     check_divisible("d_inner (expand·d_model)", d_inner, self.headdim, "headdim")
     nheads = d_inner // self.headdim
     check_divisible("nheads (expand·d_model/headdim)", nheads, self.ngroups, "ngroups")
+    if self.norm_groups is not None:
+      check_divisible("nheads (expand·d_model/headdim)", nheads, self.norm_groups, "norm_groups")
     if not 0 < self.dt_min <= self.dt_max:
       raise ValueError(f"mamba2: need 0 < dt_min <= dt_max; got dt_min={self.dt_min}, "
                        f"dt_max={self.dt_max} (defaults 1e-3, 1e-1).")
@@ -125,9 +133,10 @@ class Mamba2(MixerBase):
     b, t, _ = x.shape
     gn = self.ngroups * self.d_state
     x = x.astype(self.dtype)
-    zxbcdt = nn.Dense(2 * d_inner + 2 * gn + nheads, use_bias=False, dtype=self.dtype,
+    zxbcdt = nn.Dense(2 * d_inner + 2 * gn + nheads, use_bias=self.bias, dtype=self.dtype,
                       param_dtype=self.param_dtype, name="in_proj",
-                      kernel_init=axes.param(TORCH_LINEAR_INIT, axes.EMBED, axes.HEADS))(x)
+                      kernel_init=axes.param(TORCH_LINEAR_INIT, axes.EMBED, axes.HEADS),
+                      bias_init=axes.param(nn.initializers.zeros, axes.HEADS))(x)
     z, xbc, dt = jnp.split(zxbcdt, [d_inner, d_inner + conv_dim], axis=-1)
     xbc, conv_cache = self._conv(conv_dim)(xbc, segment_ids=segment_ids,
                                            cache=None if cache is None else cache.conv)
@@ -153,12 +162,13 @@ class Mamba2(MixerBase):
                             initial_state=None if cache is None else cache.state,
                             chunk_size=self.chunk_size, impl=self.impl)
     y = y + d_skip.astype(self.dtype)[:, None] * xs                      # [b, t, h, p]
-    y = GatedRMSNorm(eps=self.norm_eps, group_size=d_inner // self.ngroups,
+    y = GatedRMSNorm(eps=self.norm_eps, group_size=d_inner // (self.norm_groups or self.ngroups),
                      norm_before_gate=False, axis_name=axes.HEADS, dtype=self.dtype,
                      param_dtype=self.param_dtype, name="norm")(y.reshape(b, t, d_inner), z)
-    out = nn.Dense(self.d_model, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                   name="out_proj",
-                   kernel_init=axes.param(TORCH_LINEAR_INIT, axes.HEADS, axes.EMBED))(y)
+    out = nn.Dense(self.d_model, use_bias=self.bias, dtype=self.dtype,
+                   param_dtype=self.param_dtype, name="out_proj",
+                   kernel_init=axes.param(TORCH_LINEAR_INIT, axes.HEADS, axes.EMBED),
+                   bias_init=axes.param(nn.initializers.zeros, axes.EMBED))(y)
     new_cache = None if cache is None else Mamba2Cache(
         conv_cache, state, segments.last_segment_id(segment_ids, b))
     return out, new_cache

@@ -172,14 +172,15 @@ def test_mamba2_init_ranges():
   np.testing.assert_array_equal(np.asarray(p["D"]), 1.0)
 
 
-@pytest.mark.parametrize("ngroups", [1, 2])
-def test_mamba2_equals_ssd_recurrence(ngroups):
+@pytest.mark.parametrize("ngroups, norm_groups", [(1, None), (2, None), (2, 1)])
+def test_mamba2_equals_ssd_recurrence(ngroups, norm_groups):
   """The whole layer in float64 numpy, the SSD recurrence token by token per head:
   h_t = exp(Δ_t A) h_{t−1} + Δ_t B_tᵀ x_t, y_t = C_t h_t + D x_t, with heads [g·H/G, (g+1)·H/G)
-  reading B/C group g and the gated RMSNorm over each group's d_inner/G channels. T = 20
-  crosses chunks of 8."""
+  reading B/C group g and the gated RMSNorm over each group's d_inner/G channels (over all
+  d_inner channels with norm_groups=1, transformers' form). T = 20 crosses chunks of 8."""
   h, pd, n = 4, 16, 8                                                 # d_inner = 2·D = H·P
-  m = mamba2.Mamba2(d_model=D, d_state=n, headdim=pd, ngroups=ngroups, chunk_size=8)
+  m = mamba2.Mamba2(d_model=D, d_state=n, headdim=pd, ngroups=ngroups, chunk_size=8,
+                    norm_groups=norm_groups)
   x, p, y = _setup(m, t=20)
   b, t, _ = x.shape
   d_inner, gn = h * pd, ngroups * n
@@ -204,7 +205,7 @@ def test_mamba2_equals_ssd_recurrence(ngroups):
       state = (np.exp(delta[:, i, hi] * a[hi])[:, None, None] * state
                + delta[:, i, hi, None, None] * bm[:, i, gi, :, None] * xs[:, i, hi, None, :])
       out[:, i, hi] = np.einsum("bn,bnp->bp", cm[:, i, gi], state) + p["D"][hi] * xs[:, i, hi]
-  gated = (out.reshape(b, t, d_inner) * _silu(z)).reshape(b, t, ngroups, -1)
+  gated = (out.reshape(b, t, d_inner) * _silu(z)).reshape(b, t, norm_groups or ngroups, -1)
   normed = _rms(gated, m.norm_eps).reshape(b, t, d_inner) * p["norm"]["scale"]
   assert_rel_close(y, normed @ p["out_proj"]["kernel"], TOL, f"mamba2 G={ngroups} vs SSD")
 
@@ -315,6 +316,7 @@ def test_gateloop_packed_equals_complex_scan_with_resets():
     (mamba2.Mamba2(d_model=D, headdim=24), r"d_inner \(expand·d_model\)=64 must be divisible by "
                                            r"headdim=24"),
     (mamba2.Mamba2(d_model=D, headdim=16, ngroups=3), "divisible by ngroups=3"),
+    (mamba2.Mamba2(d_model=D, headdim=16, norm_groups=3), "divisible by norm_groups=3"),
     (mamba2.Mamba2(d_model=D, headdim=16, dt_min=0.2), "dt_min <= dt_max"),
     (hgrn2.HGRN2(d_model=D, expand_ratio=12), "d_model=32 must be divisible by expand_ratio=12"),
     (hgrn2.HGRN2(d_model=D, expand_ratio=16, layer_idx=2, n_layers=2), "layer_idx=2 must be in"),

@@ -1,0 +1,1 @@
+"""Memory-augmented mixers: state carried across segments (Transformer-XL, Infini-attention, ...)."""

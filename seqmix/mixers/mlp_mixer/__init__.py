@@ -1,0 +1,1 @@
+"""Dense token-mixing mixers (MLP-Mixer style): AFT, Synthesizer, gMLP, MetaFormer."""
