@@ -48,7 +48,7 @@ CROSS_T, CROSS_CHUNK, CROSS_FIRST, CROSS_SPLIT = 40, 16, 21, 27
 CHUNKED_SCAN_FIELD = {"hawk": "impl", "hgrn": "impl", "mingru": "impl", "minlstm": "impl",
                       "lru": "impl", "s5": "impl", "mega": "scan_impl", "s4d": "scan_impl",
                       "dss": "scan_impl", "h3": "scan_impl", "gss": "scan_impl",
-                      "metaformer": "impl"}
+                      "metaformer": "impl", "talk": "scan_impl"}
 
 
 def _cross_chunk_overrides(name):

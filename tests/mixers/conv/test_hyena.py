@@ -66,7 +66,7 @@ def hyena_oracle(p, x, *, order, l_max, emb_dim=3, num_inner=2):
 @pytest.mark.parametrize("order,t,l_max", [
     (2, 12, 64),    # direct conv path (short T), filter longer than T
     (2, 40, 48),    # FFT path (T >= 32, 40 taps)
-    (3, 12, 64),    # two long convs
+    pytest.param(3, 12, 64, marks=pytest.mark.slow),    # two long convs
     (2, 20, 8),     # T > l_max: the filter has l_max taps
 ])
 def test_matches_direct_formula(order, t, l_max):
@@ -75,6 +75,7 @@ def test_matches_direct_formula(order, t, l_max):
   assert_rel_close(y, hyena_oracle(p64, x, order=order, l_max=l_max), TOL, "hyena vs oracle")
 
 
+@pytest.mark.slow
 def test_emb_dim_5_matches_direct_formula():
   m = mt.build("hyena", emb_dim=5, num_inner_mlps=1)
   x, p64, y, _ = mt.oracle_setup(m, t=10)
