@@ -163,6 +163,7 @@ class MHA(MixerBase):
       norm = lambda name: RMSNorm(axis_name=axes.KV, dtype=self.dtype,
                                   param_dtype=self.param_dtype, name=name)
       q, k = norm("q_norm")(q), norm("k_norm")(k)
+    q, k = self._transform_qk(q, k)
 
     start = jnp.zeros((b,), jnp.int32) if cache is None else cache.length
     index = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]     # [b, t] token index
@@ -210,6 +211,11 @@ class MHA(MixerBase):
                                                axes.KV, axes.EMBED),
                         bias_init=axes.param(nn.initializers.zeros, axes.EMBED))(o)  # [b, t, d]
     return y
+
+  def _transform_qk(self, q, k):
+    """Hook on the projected heads (before RoPE and the cache): identity here; subclasses
+    (e.g. cosine_attention's normalisation) may declare parameters."""
+    return q, k
 
   def _patterns(self, q_pos, k_pos):
     """Sparse-attention patterns (subclasses: seqmix.mixers.attention.sparse): None here, or
