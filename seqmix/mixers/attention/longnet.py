@@ -36,7 +36,7 @@ from seqmix.mixers.attention.mha import MHA
     venue="arXiv", family="attention",
     op="attention.blockwise_attention per (segment, dilation) + merge_partials",
     parents=("mha", "sparse_transformer"), constant_state=False,
-    test_kwargs={"num_heads": 4, "num_kv_heads": 2, "segment_lengths": (2, 8),
+    test_kwargs={"num_heads": 4, "num_kv_heads": 2, "segment_lengths": (2, 32),
                  "dilation_rates": (1, 2)},
     url="https://arxiv.org/abs/2307.02486")
 class LongNet(MHA):
