@@ -163,6 +163,7 @@ class MHA(MixerBase):
       norm = lambda name: RMSNorm(axis_name=axes.KV, dtype=self.dtype,
                                   param_dtype=self.param_dtype, name=name)
       q, k = norm("q_norm")(q), norm("k_norm")(k)
+    q, k = self._transform_qk(q, k)
 
     start = jnp.zeros((b,), jnp.int32) if cache is None else cache.length
     index = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]     # [b, t] token index
@@ -181,6 +182,14 @@ class MHA(MixerBase):
       if pe is not None and pe.BIAS:
         bias = self._parallel_bias(pe, q, k, index, positions, segment_ids)
       drop = self.attn_dropout if not deterministic else 0.0
+      patterns = self._patterns(positions, positions)
+      if patterns is not None:
+        if drop:
+          raise ValueError(f"{type(self).__name__}: attn_dropout={self.attn_dropout} is not "
+                           "supported with a sparse pattern; set attn_dropout=0.")
+        o = self._pattern_attention(q, k, v, patterns, 0.0 if bias is None else bias,
+                                    causal=True, window=self.window, segment_ids=segment_ids)
+        return self._out(o, deterministic), None
       o, _ = dispatch.attention(q, k, v, causal=True, window=self.window,
                                 segment_ids=segment_ids, bias=bias, dropout_rate=drop,
                                 dropout_rng=self.make_rng("dropout") if drop else None,
@@ -189,6 +198,10 @@ class MHA(MixerBase):
     else:
       o, new_cache = self._decode(q, k, v, index, positions, segment_ids, cache, slopes, pe)
 
+    return self._out(o, deterministic), new_cache
+
+  def _out(self, o, deterministic):
+    """dropout(o) W_o.  o [B,T,H,Dh] -> y [B,T,D]."""
     if self.dropout > 0:
       o = nn.Dropout(self.dropout)(o, deterministic=deterministic)
     o_bias = self.use_bias if self.o_bias is None else self.o_bias
@@ -197,7 +210,36 @@ class MHA(MixerBase):
                         kernel_init=axes.param(nn.initializers.lecun_normal(), axes.HEADS,
                                                axes.KV, axes.EMBED),
                         bias_init=axes.param(nn.initializers.zeros, axes.EMBED))(o)  # [b, t, d]
-    return y, new_cache
+    return y
+
+  def _transform_qk(self, q, k):
+    """Hook on the projected heads (before RoPE and the cache): identity here; subclasses
+    (e.g. cosine_attention's normalisation) may declare parameters."""
+    return q, k
+
+  def _patterns(self, q_pos, k_pos):
+    """Sparse-attention patterns (subclasses: seqmix.mixers.attention.sparse): None here, or
+    a tuple of bool masks [B, H|1, T, S] over the positions q_pos [B,T], k_pos [B,S] (within
+    the document), applied on top of causality, the window and the segment ids. One mask:
+    masked softmax; several: each a softmax, merged by log-sum-exp (LongNet)."""
+    return None
+
+  def _pattern_attention(self, q, k, v, patterns, base, **op_kw):
+    """Attention under each pattern of `patterns`, merged by lse.  -> o [B,T,H,Dh].
+
+    Pattern-masked logits get the finite −1e30 (every pattern set must let each query see at
+    least one key through some pattern; a query no key of one pattern reaches gets a weight
+    exp(−1e30 − lse) = 0 for that pattern in the merge). The masks and the bias are dense
+    [B, H|1, T, S]: O(T·S) memory.
+    """
+    biases = [jnp.where(m, base, jnp.float32(-1e30)) for m in patterns]
+    if len(biases) == 1:
+      return attention_op.attention(q, k, v, bias=biases[0], impl=self.impl, **op_kw)[0]
+    o, lse = None, None
+    for bias in biases:
+      o_i, lse_i = attention_op.blockwise_attention(q, k, v, bias=bias, impl=self.impl, **op_kw)
+      o, lse = (o_i, lse_i) if o is None else attention_op.merge_partials(o, lse, o_i, lse_i)
+    return o
 
   def _component(self, h, dh):
     """The registered positional component (None for the inline rope / alibi / none)."""
@@ -241,8 +283,13 @@ class MHA(MixerBase):
       base = pe.bias(q, k_all, positions, pos_all, k_idx=idx_all, visible=visible)
     # A finite mask value: every query sees at least itself, so no row is all-masked and
     # exp(mask − max) is exactly 0.
-    bias = jnp.where(visible[:, None], base, jnp.float32(-1e30))     # [b, h|1, t, s + t]
-    o, _ = attention_op.attention(q, k_all, v_all, causal=False, bias=bias, impl=self.impl)
+    patterns = self._patterns(positions, pos_all)
+    if patterns is not None:
+      o = self._pattern_attention(q, k_all, v_all, [m & visible[:, None] for m in patterns],
+                                  base, causal=False)
+    else:
+      bias = jnp.where(visible[:, None], base, jnp.float32(-1e30))   # [b, h|1, t, s + t]
+      o, _ = attention_op.attention(q, k_all, v_all, causal=False, bias=bias, impl=self.impl)
 
     s = cache.k.shape[1]
     n = t if self.window is None else min(t, s)   # a ring keeps only the last s new tokens
