@@ -68,6 +68,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 1 head for softmax attention, no rotary (learned absolute positions instead)
   m.mixer_kwargs = ({"mha": {"num_heads": 1, "position": "none"}} if mixer == "mha"
                     else _fit_heads(mixer, m.d_model))
+  if mixer == "cosformer":
+    # cosFormer's re-weighting horizon M is the sequence length in the paper; the mixer's
+    # default (2048) would flatten cos(pi (i - j) / 2M) to >= 0.98 over T = 256.
+    m.mixer_kwargs = {mixer: {**m.mixer_kwargs.get(mixer, {}), "max_len": seq_len}}
   m.mlp = "none"                    # zoology: state_mixer = Identity
   m.norm = "layernorm"              # zoology's LayerNorm
   m.norm_eps = 1e-5                 # torch default
