@@ -19,11 +19,19 @@ import numpy as np
 from absl import app
 from absl import flags
 
-_PATH = flags.DEFINE_string("path", None, "Local HF checkpoint directory.")
-_TEXT = flags.DEFINE_string("text", "tinyshakespeare", "'tinyshakespeare' or a text file path.")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "Tokens per scored window.")
-_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 32768, "Tokens of the text scored (from the start).")
-_BATCH = flags.DEFINE_integer("batch", 4, "Windows per forward pass.")
+# Defined by define_flags() when the module runs as a script: importing it (the tests do)
+# defines no absl flags, since several experiments share flag names.
+_PATH = _TEXT = _SEQ_LEN = _MAX_TOKENS = _BATCH = None
+
+
+def define_flags() -> None:
+  global _PATH, _TEXT, _SEQ_LEN, _MAX_TOKENS, _BATCH
+  _PATH = flags.DEFINE_string("path", None, "Local HF checkpoint directory.", required=True)
+  _TEXT = flags.DEFINE_string("text", "tinyshakespeare", "'tinyshakespeare' or a text file path.")
+  _SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "Tokens per scored window.")
+  _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 32768,
+                                     "Tokens of the text scored (from the start).")
+  _BATCH = flags.DEFINE_integer("batch", 4, "Windows per forward pass.")
 
 
 def windows(ids, seq_len: int, max_tokens: int | None = None) -> np.ndarray:
@@ -95,5 +103,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("path")
+  define_flags()
   app.run(main)

@@ -42,27 +42,36 @@ from seqmix.models import rmt
 from seqmix.models import segment_recurrent as sr
 from seqmix.train.step import token_stats
 
-_MODELS = flags.DEFINE_list(
-    "models", ["mha_window", "transformer_xl", "infini_attention", "memorizing", "landmark",
-               "rmt"],
-    "Models to compare.")
-_TRAIN_T = flags.DEFINE_integer("train_T", 1024, "Training length in bytes.")
-_EVAL_T = flags.DEFINE_list("eval_T", ["1024", "2048", "4096", "8192", "16384", "32768"],
-                            "Evaluation lengths.")
-_SEG = flags.DEFINE_integer("segment_len", 256, "Segment length L (and the window of mha).")
-_MEMORY = flags.DEFINE_integer("memory_size", 4096, "memorizing's kNN memory size.")
-_BLOCK = flags.DEFINE_integer("block_len", 64, "landmark's block length.")
-_MEM_TOKENS = flags.DEFINE_integer("memory_tokens", 16, "rmt's memory tokens.")
-_TBPTT = flags.DEFINE_integer("tbptt", 0, "Truncate BPTT every k segments (0: never).")
-_D = flags.DEFINE_integer("d", 128, "d_model.")
-_HEADS = flags.DEFINE_integer("heads", 4, "Attention heads.")
-_STEPS = flags.DEFINE_integer("steps", 2000, "Training steps.")
-_BATCH = flags.DEFINE_integer("batch", 16, "Batch size.")
-_LR = flags.DEFINE_float("lr", 1e-3, "Peak learning rate (cosine, 100 warmup steps).")
-_EVAL_N = flags.DEFINE_integer("eval_examples", 64, "Rows scored per evaluation length.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed.")
-_OUT = flags.DEFINE_string("out", "experiments/results/passkey_memory", "Output folder.")
-_SMOKE = flags.DEFINE_bool("smoke", False, "Tiny CPU run: T 384/768, 20 steps, d 32.")
+# Defined by define_flags() when the module runs as a script: importing it (the tests do)
+# defines no absl flags, since several experiments share flag names.
+_MODELS = _TRAIN_T = _EVAL_T = _SEG = _MEMORY = _BLOCK = _MEM_TOKENS = _TBPTT = None
+_D = _HEADS = _STEPS = _BATCH = _LR = _EVAL_N = _SEED = _OUT = _SMOKE = None
+
+
+def define_flags() -> None:
+  global _MODELS, _TRAIN_T, _EVAL_T, _SEG, _MEMORY, _BLOCK, _MEM_TOKENS, _TBPTT
+  global _D, _HEADS, _STEPS, _BATCH, _LR, _EVAL_N, _SEED, _OUT, _SMOKE
+  _MODELS = flags.DEFINE_list(
+      "models", ["mha_window", "transformer_xl", "infini_attention", "memorizing", "landmark",
+                 "rmt"],
+      "Models to compare.")
+  _TRAIN_T = flags.DEFINE_integer("train_T", 1024, "Training length in bytes.")
+  _EVAL_T = flags.DEFINE_list("eval_T", ["1024", "2048", "4096", "8192", "16384", "32768"],
+                              "Evaluation lengths.")
+  _SEG = flags.DEFINE_integer("segment_len", 256, "Segment length L (and the window of mha).")
+  _MEMORY = flags.DEFINE_integer("memory_size", 4096, "memorizing's kNN memory size.")
+  _BLOCK = flags.DEFINE_integer("block_len", 64, "landmark's block length.")
+  _MEM_TOKENS = flags.DEFINE_integer("memory_tokens", 16, "rmt's memory tokens.")
+  _TBPTT = flags.DEFINE_integer("tbptt", 0, "Truncate BPTT every k segments (0: never).")
+  _D = flags.DEFINE_integer("d", 128, "d_model.")
+  _HEADS = flags.DEFINE_integer("heads", 4, "Attention heads.")
+  _STEPS = flags.DEFINE_integer("steps", 2000, "Training steps.")
+  _BATCH = flags.DEFINE_integer("batch", 16, "Batch size.")
+  _LR = flags.DEFINE_float("lr", 1e-3, "Peak learning rate (cosine, 100 warmup steps).")
+  _EVAL_N = flags.DEFINE_integer("eval_examples", 64, "Rows scored per evaluation length.")
+  _SEED = flags.DEFINE_integer("seed", 0, "Seed.")
+  _OUT = flags.DEFINE_string("out", "experiments/results/passkey_memory", "Output folder.")
+  _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny CPU run: T 384/768, 20 steps, d 32.")
 
 
 def build(name: str, seg_len: int, memory_size: int, memory_tokens: int, d: int, heads: int,
@@ -164,4 +173,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
