@@ -5,6 +5,7 @@
 #   bash experiments/bench/device_runs.sh issue16   # shakespeare_char beside nanoGPT, loop ratio
 #   bash experiments/bench/device_runs.sh kernels   # gla / rwkv6 / delta_rule kernels, fla rows
 #   bash experiments/bench/device_runs.sh memory    # 125M memory table, LM step, attention auto
+#   bash experiments/bench/device_runs.sh loop      # loop_bench bisection + traces, memory table
 # Set up here first (see the device README): .whl/ holds the wheels the image lacks (grain
 # 0.2.18, array-record 0.8.6, ml-collections 1.1.0, portpicker, importlib_resources,
 # tensorboardX 2.6.5, fla-core 0.6.0), .data/ tinyshakespeare.txt, .nanogpt/ a nanoGPT checkout
@@ -13,6 +14,7 @@ set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl 2>&1 | tail -2
 export PYTHONPATH=/tmp/site:$PWD SEQMIX_DATA_DIR=$PWD/.data
+export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 T0=$(date +%s)
@@ -25,6 +27,15 @@ case "${1:-}" in
     cp /tmp/svn/*.log $OUT/ 2>/dev/null
     timeout $(left 585) python3 -m experiments.bench.loop_bench --steps=300 \
       --profile_dir=/tmp/prof 2>&1 | tee $OUT/loop_bench.log | quiet | tail -20 ;;
+  loop)
+    timeout 260 python3 -m experiments.bench.loop_bench --steps=300 --profile_dir=/tmp/prof 2>&1 \
+      | tee $OUT/loop_bench.log | quiet | tail -45
+    for v in step loop; do
+      f=$(find /tmp/prof/$v -name '*perfetto_trace.json.gz' | head -1)
+      [ -n "$f" ] && [ $(stat -c %s "$f") -lt 15000000 ] && cp "$f" $OUT/trace_$v.json.gz
+    done
+    timeout $(left 585) python3 -m experiments.bench.lm_memory --budget_s=40 \
+      --lengths=16384,65536,262144,1048576 2>&1 | tee $OUT/lm_memory.log | quiet | tail -20 ;;
   kernels)
     SEQMIX_BENCH_BUDGET_S=160 timeout 215 python3 -m experiments.bench.kernels_linear_attention \
       --timing_only 2>&1 | tee $OUT/linear_attention.log | quiet | tail -25
@@ -39,6 +50,6 @@ case "${1:-}" in
       | quiet | tail -10
     timeout $(left 580) python3 -m experiments.bench.lm_step --mixers=retnet,deltanet \
       --impls=chunked,pallas 2>&1 | tee $OUT/lm_step.log | quiet | tail -8 ;;
-  *) echo "usage: $0 issue16 | kernels | memory"; exit 2 ;;
+  *) echo "usage: $0 issue16 | kernels | memory | loop"; exit 2 ;;
 esac
 echo "total $(( $(date +%s) - T0 )) s"
