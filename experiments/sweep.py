@@ -123,6 +123,12 @@ class Cell:
     return c
 
   @property
+  def eval_lengths(self) -> tuple[int, ...]:
+    """Every length the cell is evaluated at, sorted: T, its `extrapolate` multiples, eval_lens."""
+    lengths = {m * self.seq_len for m in (1,) + tuple(self.extrapolate)} | set(self.eval_lens)
+    return tuple(sorted(lengths))
+
+  @property
   def key(self) -> str:
     return _hash(self.config())
 
@@ -242,6 +248,16 @@ def model_config(cell: Cell, vocab_size: int) -> ml_collections.ConfigDict:
   else:
     fit = mqar_config._fit_heads(name, cell.d_model)  # pylint: disable=protected-access
     kwargs = {**fit.get(name, {}), **kwargs}
+  if name == "cosformer":
+    # cosFormer's re-weighting cos(pi (i - j) / 2M) turns negative once i - j >= M, so the
+    # horizon M must cover the longest evaluation length, not only the training length T.
+    longest = max(cell.eval_lengths)
+    kwargs = {"max_len": longest, **kwargs}
+    if kwargs["max_len"] < longest:
+      raise ValueError(f"cosformer max_len={kwargs['max_len']} is below the longest evaluation "
+                       f"length {longest} of cell {cell.mixer!r} (T={cell.seq_len}, "
+                       f"extrapolate={cell.extrapolate}, eval_lens={cell.eval_lens}); drop "
+                       f"max_len from the mixer spec or set it >= {longest}.")
   no_position = (name == "mha" and kwargs.get("position") == "none") or info.needs_positions
   learned = no_position and not (cell.extrapolate or any(t > cell.seq_len
                                                          for t in cell.eval_lens))
@@ -471,8 +487,7 @@ class _Data:
   def test(self, cell: Cell) -> dict[int, Any]:
     task = self.task(cell)
     out = {}
-    lengths = {m * cell.seq_len for m in (1,) + tuple(cell.extrapolate)} | set(cell.eval_lens)
-    for length in sorted(lengths):
+    for length in cell.eval_lengths:
       out[length] = self._get(
           ("test", cell.task, cell.task_kwargs, length, cell.seq_len, cell.test_examples,
            cell.seed), lambda length=length: scored(*task.test(

@@ -17,6 +17,7 @@ Mesh-TF) need their q/k projection columns permuted to this layout.
 import jax.numpy as jnp
 
 from seqmix.positional import rope_scaling as scaling
+from seqmix.positional.base import rotate_half
 
 
 def rotary_dim(head_dim: int, fraction: float = 1.0) -> int:
@@ -60,12 +61,8 @@ def apply_rope(x, positions, *, base: float = 10000.0, fraction: float = 1.0,
     kind = scaling.rope_type(rope_scaling)
     seq_len = jnp.max(positions) + 1 if kind in scaling.SEQ_LEN_DEPENDENT else None
     inv_freq, factor = scaling.rope_parameters(rope_scaling, r, base, seq_len=seq_len)
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq                    # [b, t, r/2]
-  cos = jnp.cos(angles)[:, :, None, :]                                            # [b, t, 1, r/2]
-  sin = jnp.sin(angles)[:, :, None, :]
+  out = rotate_half(x, positions, inv_freq)                                       # float32
   if factor != 1.0:
-    cos, sin = cos * factor, sin * factor
-  x32 = x.astype(jnp.float32)
-  x1, x2, rest = x32[..., : r // 2], x32[..., r // 2: r], x32[..., r:]
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
+    # HF scales cos and sin, so only the rotated channels carry the attention factor.
+    out = jnp.concatenate([out[..., :r] * factor, out[..., r:]], axis=-1)
   return out.astype(x.dtype)

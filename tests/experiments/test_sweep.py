@@ -146,6 +146,19 @@ def test_model_config_positions():
   assert sweep.model_config(rope, 64).pos_embedding == "none"
 
 
+def test_model_config_cosformer_horizon_covers_longest_eval_length():
+  (cell,) = _cells(mixers=("cosformer",), extrapolate=(2, 4), eval_lens=(8, 96))
+  assert cell.eval_lengths == (8, 16, 32, 64, 96)
+  assert sweep.model_config(cell, 64).mixer_kwargs["cosformer"]["max_len"] == 96
+  (plain,) = _cells(mixers=("cosformer",))
+  assert sweep.model_config(plain, 64).mixer_kwargs["cosformer"]["max_len"] == 16
+  (wide,) = _cells(mixers=("cosformer:max_len=512",), extrapolate=(2,))
+  assert sweep.model_config(wide, 64).mixer_kwargs["cosformer"]["max_len"] == 512
+  (short,) = _cells(mixers=("cosformer:max_len=16",), extrapolate=(2,))
+  with pytest.raises(ValueError, match="longest evaluation length 32"):
+    sweep.model_config(short, 64)
+
+
 def test_one_real_cell_with_extrapolation(tmp_path):
   """The real train_group on a 2-step, d_model 16 model: a full record, accuracy at T and 2T."""
   path = str(tmp_path / "r.jsonl")

@@ -149,28 +149,14 @@ class MHA(MixerBase):
     b, t, _ = x.shape
     x = x.astype(self.dtype)
 
-    def proj_in(heads, name):
-      return nn.DenseGeneral((heads, dh), use_bias=self.use_bias, dtype=self.dtype,
-                             param_dtype=self.param_dtype, name=name,
-                             kernel_init=axes.param(nn.initializers.lecun_normal(), axes.EMBED,
-                                                    axes.HEADS, axes.KV),
-                             bias_init=axes.param(nn.initializers.zeros, axes.HEADS, axes.KV))
-
-    q = proj_in(h, "q_proj")(x)   # [b, t, h, dh]
-    k = proj_in(g, "k_proj")(x)   # [b, t, g, dh]
-    v = proj_in(g, "v_proj")(x)   # [b, t, g, dh]
-    if self.qk_norm:
-      norm = lambda name: RMSNorm(axis_name=axes.KV, dtype=self.dtype,
-                                  param_dtype=self.param_dtype, name=name)
-      q, k = norm("q_norm")(q), norm("k_norm")(k)
+    q, k, v = self._project_qkv(x, h, g, dh)   # [b, t, h|g, dh]
     q, k = self._transform_qk(q, k)
 
     start = jnp.zeros((b,), jnp.int32) if cache is None else cache.length
     index = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]     # [b, t] token index
     positions = index if positions is None else positions.astype(jnp.int32)
     if self.position == "rope":
-      rot = dict(base=self.rope_base, fraction=self.rope_fraction, rope_scaling=self.rope_scaling)
-      q, k = rope.apply_rope(q, positions, **rot), rope.apply_rope(k, positions, **rot)
+      q, k = self._rope(q, positions), self._rope(k, positions)
     slopes = alibi.alibi_slopes(h) if self.position == "alibi" else None
     pe = self._component(h, dh)
     if pe is not None:
@@ -200,11 +186,41 @@ class MHA(MixerBase):
 
     return self._out(o, deterministic), new_cache
 
+  def _project_qkv(self, x, h, g, dh):
+    """The q/k/v projections (params q_proj/k_proj/v_proj), then qk_norm if set; shared with
+    the subclasses that write their own attention (remapped, tova).
+
+    x [B,T,D] -> (q [B,T,H,Dh], k [B,T,G,Dh], v [B,T,G,Dh]). Call from a compact __call__.
+    """
+    def proj_in(heads, name):
+      return nn.DenseGeneral((heads, dh), use_bias=self.use_bias, dtype=self.dtype,
+                             param_dtype=self.param_dtype, name=name,
+                             kernel_init=axes.param(nn.initializers.lecun_normal(), axes.EMBED,
+                                                    axes.HEADS, axes.KV),
+                             bias_init=axes.param(nn.initializers.zeros, axes.HEADS, axes.KV))
+
+    q = proj_in(h, "q_proj")(x)   # [b, t, h, dh]
+    k = proj_in(g, "k_proj")(x)   # [b, t, g, dh]
+    v = proj_in(g, "v_proj")(x)   # [b, t, g, dh]
+    if self.qk_norm:
+      norm = lambda name: RMSNorm(axis_name=axes.KV, dtype=self.dtype,
+                                  param_dtype=self.param_dtype, name=name)
+      q, k = norm("q_norm")(q), norm("k_norm")(k)
+    return q, k, v
+
+  def _rope(self, y, positions):
+    """RoPE with this module's rope_base / rope_fraction / rope_scaling.  y [B,T,N,Dh]."""
+    return rope.apply_rope(y, positions, base=self.rope_base, fraction=self.rope_fraction,
+                           rope_scaling=self.rope_scaling)
+
   def _out(self, o, deterministic):
     """dropout(o) W_o.  o [B,T,H,Dh] -> y [B,T,D]."""
+    return self._o_proj(o, deterministic, self.use_bias if self.o_bias is None else self.o_bias)
+
+  def _o_proj(self, o, deterministic, o_bias):
+    """dropout(o) W_o (param o_proj) with the given output bias.  o [B,T,H,Dh] -> y [B,T,D]."""
     if self.dropout > 0:
       o = nn.Dropout(self.dropout)(o, deterministic=deterministic)
-    o_bias = self.use_bias if self.o_bias is None else self.o_bias
     y = nn.DenseGeneral(self.d_model, axis=(-2, -1), use_bias=o_bias, dtype=self.dtype,
                         param_dtype=self.param_dtype, name="o_proj",
                         kernel_init=axes.param(nn.initializers.lecun_normal(), axes.HEADS,

@@ -28,10 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from seqmix.mixers.attention.mha import MHA
-from seqmix.mixers.common.norms import RMSNorm
 from seqmix.ops import attention as attention_op
-from seqmix.parallel import axes
-from seqmix.positional import rope
 
 # Finite mask value: every query sees at least itself in one part, so a masked logit's
 # exp(mask − max) is exactly 0 and a part that sees no key gets merge weight exactly 0.
@@ -99,26 +96,12 @@ class RemappedAttention(MHA):
     b, t, _ = x.shape
     x = x.astype(self.dtype)
 
-    def proj_in(heads, name):
-      return nn.DenseGeneral((heads, dh), use_bias=self.use_bias, dtype=self.dtype,
-                             param_dtype=self.param_dtype, name=name,
-                             kernel_init=axes.param(nn.initializers.lecun_normal(), axes.EMBED,
-                                                    axes.HEADS, axes.KV),
-                             bias_init=axes.param(nn.initializers.zeros, axes.HEADS, axes.KV))
-
-    q = proj_in(h, "q_proj")(x)   # [b, t, h, dh]
-    k = proj_in(g, "k_proj")(x)   # [b, t, g, dh]
-    v = proj_in(g, "v_proj")(x)   # [b, t, g, dh]
-    if self.qk_norm:
-      norm = lambda name: RMSNorm(axis_name=axes.KV, dtype=self.dtype,
-                                  param_dtype=self.param_dtype, name=name)
-      q, k = norm("q_norm")(q), norm("k_norm")(k)
+    q, k, v = self._project_qkv(x, h, g, dh)   # [b, t, h|g, dh]
 
     start = jnp.zeros((b,), jnp.int32) if cache is None else cache.length
     index = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]     # [b, t]
     positions = index if positions is None else positions.astype(jnp.int32)
-    rot = lambda y, p: rope.apply_rope(y, p, base=self.rope_base, fraction=self.rope_fraction,
-                                       rope_scaling=self.rope_scaling)
+    rot = self._rope
     k_ver = jnp.stack([rot(k, p) for p in self.key_positions(positions)], axis=2)
     # [b, t, V, g, dh]
 
@@ -151,14 +134,8 @@ class RemappedAttention(MHA):
           segment_ids=seg if cache is None else None, bias=bias, impl=self.impl)
       o, lse = (o_p, lse_p) if o is None else attention_op.merge_partials(o, lse, o_p, lse_p)
 
-    if self.dropout > 0:
-      o = nn.Dropout(self.dropout)(o, deterministic=deterministic)
-    y = nn.DenseGeneral(self.d_model, axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype,
-                        param_dtype=self.param_dtype, name="o_proj",
-                        kernel_init=axes.param(nn.initializers.lecun_normal(), axes.HEADS,
-                                               axes.KV, axes.EMBED),
-                        bias_init=axes.param(nn.initializers.zeros, axes.EMBED))(o)
-    return y, new_cache
+    # o_proj's bias follows use_bias here (o_bias is not read), as before the helpers moved.
+    return self._o_proj(o, deterministic, self.use_bias), new_cache
 
 
 class SinkWindowAttention(RemappedAttention):

@@ -29,9 +29,6 @@ from jax import lax
 
 from seqmix import registry
 from seqmix.mixers.attention.mha import MHA
-from seqmix.mixers.common.norms import RMSNorm
-from seqmix.parallel import axes
-from seqmix.positional import rope
 
 
 class TOVACache(NamedTuple):
@@ -84,26 +81,12 @@ class TOVA(MHA):
     b, t, _ = x.shape
     x = x.astype(self.dtype)
 
-    def proj_in(heads, name):
-      return nn.DenseGeneral((heads, dh), use_bias=self.use_bias, dtype=self.dtype,
-                             param_dtype=self.param_dtype, name=name,
-                             kernel_init=axes.param(nn.initializers.lecun_normal(), axes.EMBED,
-                                                    axes.HEADS, axes.KV),
-                             bias_init=axes.param(nn.initializers.zeros, axes.HEADS, axes.KV))
-
-    q = proj_in(h, "q_proj")(x)   # [b, t, h, dh]
-    k = proj_in(g, "k_proj")(x)   # [b, t, g, dh]
-    v = proj_in(g, "v_proj")(x)
-    if self.qk_norm:
-      norm = lambda name: RMSNorm(axis_name=axes.KV, dtype=self.dtype,
-                                  param_dtype=self.param_dtype, name=name)
-      q, k = norm("q_norm")(q), norm("k_norm")(k)
+    q, k, v = self._project_qkv(x, h, g, dh)   # [b, t, h|g, dh]
     state = self.init_cache(b, 0, jnp.float32) if cache is None else cache
     index = state.length[:, None] + jnp.arange(t, dtype=jnp.int32)[None]   # [b, t]
     positions = index if positions is None else positions.astype(jnp.int32)
     if self.position == "rope":
-      rot = dict(base=self.rope_base, fraction=self.rope_fraction, rope_scaling=self.rope_scaling)
-      q, k = rope.apply_rope(q, positions, **rot), rope.apply_rope(k, positions, **rot)
+      q, k = self._rope(q, positions), self._rope(k, positions)
     seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
 
     def step(carry, inp):
@@ -136,11 +119,5 @@ class TOVA(MHA):
         k=ck.astype(cache.k.dtype), v=cv.astype(cache.v.dtype), idx=cidx, seg=cseg,
         length=cache.length + t)
 
-    if self.dropout > 0:
-      o = nn.Dropout(self.dropout)(o, deterministic=deterministic)
-    y = nn.DenseGeneral(self.d_model, axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype,
-                        param_dtype=self.param_dtype, name="o_proj",
-                        kernel_init=axes.param(nn.initializers.lecun_normal(), axes.HEADS,
-                                               axes.KV, axes.EMBED),
-                        bias_init=axes.param(nn.initializers.zeros, axes.EMBED))(o)
-    return y, new_cache
+    # o_proj's bias follows use_bias here (o_bias is not read), as before the helpers moved.
+    return self._o_proj(o, deterministic, self.use_bias), new_cache
