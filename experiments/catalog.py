@@ -81,6 +81,7 @@ BUILT: dict[int, tuple] = {
     49: (_mixer("hedgehog"),),
     51: (_mixer("lightning"),),
     56: (_mixer("cosformer"),),
+    58: (_mixer("transnormer"),),
     59: (_mixer("performer"),),
     61: (_mixer("linear_transformer"),),
     69: (_mixer("mamba"),),

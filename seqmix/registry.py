@@ -54,8 +54,6 @@ EXTERNAL_ANCESTORS: dict[str, Ancestor] = {a.name: a for a in (
              ("mha",)),
     Ancestor("gau", "Transformer Quality in Linear Time (FLASH)", 2022, "attention",
              ("mha",)),
-    Ancestor("transnormer", "The Devil in Linear Transformer", 2022, "linear-attention",
-             ("linear_transformer",)),
     Ancestor("ckconv", "CKConv: Continuous Kernel Convolution For Sequential Data", 2021,
              "long-conv", ("wavenet",)),
     Ancestor("monarch", "Monarch: Expressive Structured Matrices for Efficient and Accurate "
