@@ -66,6 +66,7 @@ BUILT: dict[int, tuple] = {
     2: (_option("mha", "num_kv_heads", "num_kv_heads=1"),),
     3: (_option("mha", "num_kv_heads", "num_kv_heads=G"),),
     4: (_option("mha", "window", "window=W"), _mixer("local_mqa")),
+    5: (_mixer("dcmha"),),
     9: (_mixer("sparse_transformer"),),
     10: (_mixer("longformer"),),
     11: (_mixer("bigbird"),),
