@@ -150,6 +150,8 @@ BUILT: dict[int, tuple] = {
     175: (_mixer("lm_infinite"),),
     176: (_mixer("streaming_llm"),),
     177: (_mixer("tova"),),
+    185: (_system("seqmix/mixers/common/peer.py", 'LanguageModel(mlp="peer")'),),
+    187: (_system("seqmix/mixers/common/pkm.py", 'LanguageModel(mlp="pkm")'),),
     191: (_system("seqmix/parallel", "ring / all-gather context parallelism (issue 16)"),),
     193: (_system("seqmix/parallel", "state-passing sequence parallelism of gla / delta_rule"),),
     194: (_system("kernels_pallas/attention", "Pallas flash attention with lse"),),

@@ -51,6 +51,8 @@ from seqmix import registry
 from seqmix.mixers.common import mlp as mlp_lib
 from seqmix.mixers.common import rwkv_channel_mix
 from seqmix.mixers.common import norms
+from seqmix.mixers.common import peer
+from seqmix.mixers.common import pkm
 from seqmix.parallel import axes
 from seqmix.positional import learned
 
@@ -63,11 +65,14 @@ NO_MIXER = "none"  # `mixer="none"`: blocks without token mixing (the ablation /
 # its own initialisation (RWKV's depth-dependent token-shift mix, orthogonal/zero kernels).
 MLPS: dict[str, type] = {"swiglu": mlp_lib.SwiGLU, "gelu": mlp_lib.GeluMLP,
                          "gelu_tanh": mlp_lib.GeluTanhMLP, "geglu": mlp_lib.GeGLU,
-                         "rwkv_channel_mix": rwkv_channel_mix.RWKVChannelMix}
+                         "rwkv_channel_mix": rwkv_channel_mix.RWKVChannelMix,
+                         "pkm": pkm.ProductKeyMemory, "peer": peer.PEER}
 # Hidden width M = round(mlp_ratio · d_model) when mlp_ratio is None: GPT-2's 4 for GELU, and
 # 8/3 for SwiGLU (its three matrices then hold as many parameters as GELU's two at 4); RWKV-6's
-# channel mix: int(3.5 · D) rounded down to a multiple of 32 (`rwkv_hidden`).
-DEFAULT_MLP_RATIO = {"swiglu": 8 / 3, "geglu": 8 / 3, "gelu": 4.0, "gelu_tanh": 4.0}
+# channel mix: int(3.5 · D) rounded down to a multiple of 32 (`rwkv_hidden`). PKM / PEER read
+# hidden as the wanted number of memory slots / single-neuron experts (rounded up to a square).
+DEFAULT_MLP_RATIO = {"swiglu": 8 / 3, "geglu": 8 / 3, "gelu": 4.0, "gelu_tanh": 4.0,
+                     "pkm": 4.0, "peer": 4.0}
 
 REMAT_POLICIES: dict[str, Callable | None] = {
     "full": None,  # save nothing, recompute the block in the backward pass
@@ -179,8 +184,11 @@ class LanguageModel(nn.Module):
   mixer_kwargs: mixer name -> dict of that mixer's hyperparameters (entries for mixers not in
     the pattern are allowed and unused, so a sweep can keep them all).
   mlp: "swiglu" | "geglu" (tanh-GELU gate: Gemma, Griffin) | "gelu" (exact erf) | "gelu_tanh"
-    (GPT-2's tanh approximation) | "rwkv_channel_mix" (stateful, RWKV-6's) | "none".
-    mlp_ratio: hidden M = round(mlp_ratio · D); None -> 8/3 (swiglu, geglu), 4 (gelu, gelu_tanh), or RWKV-6's
+    (GPT-2's tanh approximation) | "rwkv_channel_mix" (stateful, RWKV-6's) | "pkm" (product-key
+    memory, Lample+ 2019) | "peer" (product-key retrieval of single-neuron experts, He 2024) |
+    "none". pkm / peer keep their own heads / top-k defaults (their modules' docstrings).
+    mlp_ratio: hidden M = round(mlp_ratio · D); None -> 8/3 (swiglu, geglu), 4 (gelu, gelu_tanh,
+    pkm and peer, where M is the wanted number of slots / experts), or RWKV-6's
     int(3.5 · D) rounded down to a multiple of 32 (rwkv_channel_mix).
   shared_mlp: None (shared blocks use `mlp`), or the MLP of the "shared:<mixer>" blocks, with
     the same choices; its hidden width follows mlp_ratio the same way.
