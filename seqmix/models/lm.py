@@ -53,6 +53,7 @@ from seqmix.mixers.common import rwkv_channel_mix
 from seqmix.mixers.common import norms
 from seqmix.mixers.common import peer
 from seqmix.mixers.common import pkm
+from seqmix.models import embed as embed_lib
 from seqmix.parallel import axes
 from seqmix.positional import learned
 
@@ -320,7 +321,7 @@ class LanguageModel(nn.Module):
     """
     names = self.layer_mixers()
     b, t = tokens.shape
-    embed = nn.Embed(self.vocab_size, self.d_model,
+    embed = embed_lib.Embed(self.vocab_size, self.d_model,
                      embedding_init=axes.param(nn.initializers.normal(self.embed_init_scale),
                                                axes.VOCAB, axes.EMBED),
                      dtype=self.dtype, param_dtype=self.param_dtype, name="embed")

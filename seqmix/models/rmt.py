@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from seqmix.mixers.common import norms
+from seqmix.models import embed as embed_lib
 from seqmix.models import lm
 from seqmix.parallel import axes
 
@@ -84,7 +85,7 @@ class RecurrentMemoryTransformer(nn.Module):
     names = cfg.layer_mixers()
     m = self.num_memory_tokens
     b, t = tokens.shape
-    embed = nn.Embed(self.vocab_size, self.d_model,
+    embed = embed_lib.Embed(self.vocab_size, self.d_model,
                      embedding_init=axes.param(nn.initializers.normal(cfg.embed_init_scale),
                                                axes.VOCAB, axes.EMBED),
                      dtype=self.dtype, param_dtype=self.param_dtype, name="embed")

@@ -45,9 +45,10 @@ class LearnedPositionEmbedding(nn.Module):
       positions = jnp.arange(length)[None]
     elif not isinstance(positions, jax.core.Tracer):
       self._check_static_max(int(jnp.max(positions)), int(jnp.min(positions)))
-    out = jnp.take(jnp.asarray(table, self.dtype), positions, axis=0, mode="fill",
-                   fill_value=jnp.nan)
-    return out
+    # Gather in the table's dtype, then cast: the gradient is a scatter-add in param_dtype
+    # (float32), not in a bfloat16 compute dtype (slow on GPUs: see seqmix/models/embed.py).
+    out = jnp.take(table, positions, axis=0, mode="fill", fill_value=jnp.nan)
+    return out.astype(self.dtype)
 
   def _check_static_max(self, hi: int, lo: int = 0):
     if hi >= self.max_len or lo < 0:
