@@ -36,6 +36,14 @@ case "${1:-}" in
     done
     timeout $(left 585) python3 -m experiments.bench.lm_memory --budget_s=40 \
       --lengths=16384,65536,262144,1048576 2>&1 | tee $OUT/lm_memory.log | quiet | tail -20 ;;
+  embed)
+    timeout 90 python3 -m experiments.bench.embed_grad 2>&1 | tee $OUT/embed_grad.log | quiet | tail -6
+    timeout 250 python3 -m experiments.bench.loop_bench --steps=300 --profile_dir=/tmp/prof 2>&1 \
+      | tee $OUT/loop_bench.log | quiet | tail -45
+    f=$(find /tmp/prof/step -name '*perfetto_trace.json.gz' | head -1)
+    [ -n "$f" ] && [ $(stat -c %s "$f") -lt 15000000 ] && cp "$f" $OUT/trace_step.json.gz
+    timeout $(left 585) python3 -m experiments.bench.lm_memory --budget_s=50 --mixers=gla,mamba2 \
+      --lengths=65536,131072,262144 2>&1 | tee $OUT/lm_memory.log | quiet | tail -20 ;;
   kernels)
     SEQMIX_BENCH_BUDGET_S=160 timeout 215 python3 -m experiments.bench.kernels_linear_attention \
       --timing_only 2>&1 | tee $OUT/linear_attention.log | quiet | tail -25
@@ -50,6 +58,6 @@ case "${1:-}" in
       | quiet | tail -10
     timeout $(left 580) python3 -m experiments.bench.lm_step --mixers=retnet,deltanet \
       --impls=chunked,pallas 2>&1 | tee $OUT/lm_step.log | quiet | tail -8 ;;
-  *) echo "usage: $0 issue16 | kernels | memory | loop"; exit 2 ;;
+  *) echo "usage: $0 issue16 | kernels | memory | loop | embed"; exit 2 ;;
 esac
 echo "total $(( $(date +%s) - T0 )) s"
