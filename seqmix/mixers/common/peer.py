@@ -74,8 +74,8 @@ class PEER(nn.Module):
                       self.param_dtype)
     up = self.param("up", axes.param(self.out_init, axes.MLP, axes.EMBED), (n * n, d),
                     self.param_dtype)
-    u = jnp.take(down.astype(self.dtype), idx, axis=0)  # [b, t, h, k, d]
-    v = jnp.take(up.astype(self.dtype), idx, axis=0)  # [b, t, h, k, d]
+    u = jnp.take(down, idx, axis=0).astype(self.dtype)  # [b, t, h, k, d]
+    v = jnp.take(up, idx, axis=0).astype(self.dtype)  # [b, t, h, k, d]
     a = jax.nn.gelu(jnp.einsum("btd,bthkd->bthk", x.astype(self.dtype), u), approximate=False)
     y = jnp.einsum("bthk,bthkd->btd", g * a, v)
     return nn.Dropout(self.dropout)(y, deterministic=deterministic)

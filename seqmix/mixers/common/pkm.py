@@ -92,6 +92,6 @@ class ProductKeyMemory(nn.Module):
     w = jax.nn.softmax(scores, axis=-1)
     values = self.param("values", axes.param(self.out_init, axes.MLP, axes.EMBED), (n * n, d),
                         self.param_dtype)
-    picked = jnp.take(values.astype(self.dtype), idx, axis=0)  # [b, t, h, k, d]
+    picked = jnp.take(values, idx, axis=0).astype(self.dtype)  # [b, t, h, k, d]
     y = jnp.einsum("bthk,bthkd->btd", w.astype(self.dtype), picked)
     return nn.Dropout(self.dropout)(y, deterministic=deterministic)
