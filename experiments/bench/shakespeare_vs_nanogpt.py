@@ -34,8 +34,11 @@ import time
 from absl import app
 from absl import flags
 
-_NANOGPT_DIR = flags.DEFINE_string("nanogpt_dir", None, "A nanoGPT checkout (with "
-                                   "data/shakespeare_char/input.txt).", required=True)
+from seqmix.data import corpora
+
+_NANOGPT_DIR = flags.DEFINE_string(
+    "nanogpt_dir", None, "A nanoGPT checkout (its data/shakespeare_char/input.txt, when missing, "
+    "is copied from the seqmix corpus).", required=True)
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/shakespeare_vs_nanogpt", "Scratch directory.")
 _STEPS = flags.DEFINE_integer("steps", 5000, "Iterations of each run (nanoGPT's max_iters).")
 _OUT = flags.DEFINE_string("out", os.environ.get("OUT", "."), "Where the JSON and plot go.")
@@ -91,7 +94,11 @@ def _run(cmd, cwd=None, log=None):
 def run_nanogpt(path, steps, out_dir):
   """nanoGPT's full run; returns its summary dict."""
   py = sys.executable
-  if not os.path.exists(os.path.join(path, "data", "shakespeare_char", "val.bin")):
+  data = os.path.join(path, "data", "shakespeare_char")
+  if not os.path.exists(os.path.join(data, "input.txt")):
+    # The same checksummed corpus seqmix trains on (prepare.py would download it otherwise).
+    shutil.copyfile(corpora.corpus_path("tinyshakespeare"), os.path.join(data, "input.txt"))
+  if not os.path.exists(os.path.join(data, "val.bin")):
     _run([py, "data/shakespeare_char/prepare.py"], cwd=path)
   ng_out = os.path.join(out_dir, "nanogpt_run")
   out, wall = _run([py, "train.py", "config/train_shakespeare_char.py", f"--max_iters={steps}",
