@@ -73,6 +73,11 @@ def normalized_linear_attention(phi_q, phi_k, v, *, eps: float, segment_ids=None
   return y, new_cache
 
 
+def elu_feature_map(x):
+  """φ(x) = elu(x) + 1 > 0 (Katharopoulos et al., eq. 7; TransNormer's NormAttention kernel)."""
+  return jax.nn.elu(x) + 1.0
+
+
 def quadratic(x):
   """Compact x⊗x: `[..., d]` -> `[..., d(d+1)/2]` with quadratic(q)·quadratic(k) = (q·k)².
 

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from seqmix import registry
 from seqmix.mixers.base import MixerBase, check_divisible
 from seqmix.mixers.common import segments
+from seqmix.mixers.common.projections import sharded_dense
 from seqmix.parallel import axes
 from seqmix.parallel import dispatch
 
@@ -99,10 +100,9 @@ class GateLoop(MixerBase):
     check_divisible("d_model", self.d_model, self.num_heads, "num_heads")
     b, t, d = x.shape
     h, hd = self.num_heads, d // self.num_heads
-    dense = lambda use_bias, in_axis, out_axis, name: nn.Dense(
-        d, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-        kernel_init=axes.param(nn.initializers.lecun_normal(), in_axis, out_axis),
-        bias_init=axes.param(nn.initializers.zeros, out_axis))
+    dense = lambda use_bias, in_axis, out_axis, name: sharded_dense(
+        d, in_axis, out_axis, name, use_bias=use_bias, dtype=self.dtype,
+        param_dtype=self.param_dtype)
     x = x.astype(self.dtype)
     q, k, v = (dense(False, axes.EMBED, axes.HEADS, n)(x).reshape(b, t, h, hd)  # [b, t, h, k]
                for n in ("q_proj", "k_proj", "v_proj"))

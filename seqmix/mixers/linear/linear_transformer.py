@@ -10,27 +10,18 @@ the normaliser Σ φ(k_s) in the last. Packed documents reset the state with a `
 each document's first token (the only gate this mixer ever passes).
 """
 
-from typing import NamedTuple
-
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from seqmix import registry
 from seqmix.mixers.base import MixerBase, check_divisible
-from seqmix.mixers.common import segments
+from seqmix.mixers.common import feature_maps
+from seqmix.mixers.common.feature_maps import elu_feature_map
+from seqmix.mixers.common.projections import sharded_dense
 from seqmix.parallel import axes
-from seqmix.parallel import dispatch
 
 
-class LinearTransformerCache(NamedTuple):
-  state: jax.Array  # [B, H, K, V + 1] float32: Σ φ(k)ᵀ [v, 1]
-  seg: jax.Array    # [B] int32 segment id of the last token seen
-
-
-def elu_feature_map(x):
-  """φ(x) = elu(x) + 1 > 0 (Katharopoulos et al., eq. 7)."""
-  return jax.nn.elu(x) + 1.0
+LinearTransformerCache = feature_maps.FeatureMapCache  # state [B, H, K, V + 1], seg [B]
 
 
 @registry.register(
@@ -56,8 +47,7 @@ class LinearTransformer(MixerBase):
     del max_len, dtype  # constant-size float32 state
     check_divisible("d_model", self.d_model, self.num_heads, "num_heads")
     hd = self.d_model // self.num_heads
-    return LinearTransformerCache(jnp.zeros((batch_size, self.num_heads, hd, hd + 1), jnp.float32),
-                                  jnp.full((batch_size,), -1, jnp.int32))
+    return feature_maps.init_feature_map_cache(batch_size, self.num_heads, hd, hd)
 
   @nn.compact
   def __call__(self, x, *, segment_ids=None, positions=None, cache=None, deterministic=True):
@@ -66,24 +56,14 @@ class LinearTransformer(MixerBase):
     check_divisible("d_model", self.d_model, self.num_heads, "num_heads")
     b, t, d = x.shape
     h = self.num_heads
-    dense = lambda in_axis, out_axis, name: nn.Dense(
-        d, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-        kernel_init=axes.param(nn.initializers.lecun_normal(), in_axis, out_axis),
-        bias_init=axes.param(nn.initializers.zeros, out_axis))
+    dense = lambda in_axis, out_axis, name: sharded_dense(
+        d, in_axis, out_axis, name, use_bias=self.use_bias, dtype=self.dtype,
+        param_dtype=self.param_dtype)
     x = x.astype(self.dtype)
     q, k, v = (dense(axes.EMBED, axes.HEADS, n)(x).reshape(b, t, h, -1)  # [b, t, h, d/h]
                for n in ("q_proj", "k_proj", "v_proj"))
-    q, k = elu_feature_map(q), elu_feature_map(k)
-    v1 = jnp.concatenate([v, jnp.ones((b, t, h, 1), v.dtype)], axis=-1)  # [b, t, h, d/h + 1]
-    starts = segments.segment_starts(segment_ids,
-                                     cache_last_id=None if cache is None else cache.seg)
-    g = segments.reset_log_gate(None, starts, shape=(b, t, h))
-    o, state = dispatch.gla(q, k, v1, g, scale=1.0,
-                            initial_state=None if cache is None else cache.state,
-                            chunk_size=self.chunk_size, impl=self.impl)
-    num, den = o[..., :-1].astype(jnp.float32), o[..., -1:].astype(jnp.float32)
-    o = (num / (den + self.eps)).astype(self.dtype)                      # [b, t, h, d/h]
+    o, new_cache = feature_maps.normalized_linear_attention(
+        elu_feature_map(q), elu_feature_map(k), v, eps=self.eps, segment_ids=segment_ids,
+        cache=cache, chunk_size=self.chunk_size, impl=self.impl)         # [b, t, h, d/h]
     y = dense(axes.HEADS, axes.EMBED, "o_proj")(o.reshape(b, t, d))
-    new_cache = None if cache is None else LinearTransformerCache(
-        state, segments.last_segment_id(segment_ids, b))
     return y, new_cache

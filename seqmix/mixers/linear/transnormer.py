@@ -34,6 +34,8 @@ import jax.numpy as jnp
 from seqmix import registry
 from seqmix.mixers.base import MixerBase, check_divisible
 from seqmix.mixers.common import segments
+from seqmix.mixers.common.feature_maps import elu_feature_map
+from seqmix.mixers.common.projections import sharded_dense
 from seqmix.mixers.common.norms import RMSNorm
 from seqmix.parallel import axes
 from seqmix.parallel import dispatch
@@ -61,11 +63,6 @@ def block_segment_ids(pos, seg, valid):
   start = (pos != prev_pos) | (seg != prev_seg) | ~prev_valid
   ids = jnp.cumsum(start.astype(jnp.int32), axis=1)
   return jnp.where(valid, ids, -1)
-
-
-def elu_feature_map(x):
-  """φ(x) = elu(x) + 1 > 0 (TransNormer's NormAttention kernel)."""
-  return jax.nn.elu(x) + 1.0
 
 
 @registry.register(
@@ -132,10 +129,9 @@ class TransNormer(MixerBase):
     self._check()
     b, t, d = x.shape
     h = self.num_heads
-    dense = lambda in_axis, out_axis, name: nn.Dense(
-        d, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-        kernel_init=axes.param(nn.initializers.lecun_normal(), in_axis, out_axis),
-        bias_init=axes.param(nn.initializers.zeros, out_axis))
+    dense = lambda in_axis, out_axis, name: sharded_dense(
+        d, in_axis, out_axis, name, use_bias=self.use_bias, dtype=self.dtype,
+        param_dtype=self.param_dtype)
     x = x.astype(self.dtype)
     q, k, v = (dense(axes.EMBED, axes.HEADS, n)(x).reshape(b, t, h, -1)  # [b, t, h, d/h]
                for n in ("q_proj", "k_proj", "v_proj"))
