@@ -32,39 +32,24 @@ Init = Callable[..., Any]
 _DEFAULT_INIT = nn.initializers.normal(stddev=0.02)
 
 
-def sub_key_params(module: nn.Module, heads: int, n: int, half: int, param_dtype):
+def _sub_key_params(module: nn.Module, heads: int, n: int, half: int, param_dtype):
   """The [H, 2, n, Kh] sub-key codebooks of a product-key layer, N(0, 1/Kh)."""
   init = nn.initializers.normal(stddev=half ** -0.5)
   return module.param("sub_keys", axes.param(init, axes.HEADS, None, axes.MLP, None),
                       (heads, 2, n, half), param_dtype)
 
 
-def product_key_query(module: nn.Module, x, heads: int, key_dim: int, *, init, use_bias,
-                      dtype, param_dtype):
-  """x [B, T, D] -> the per-head query halves [B, T, H, 2, key_dim / 2] in float32."""
-  q = nn.DenseGeneral((heads, key_dim), use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                      kernel_init=axes.param(init, axes.EMBED, axes.HEADS, axes.KV),
-                      bias_init=axes.param(nn.initializers.zeros, axes.HEADS, axes.KV),
-                      name="query")(x)  # [b, t, h, kd]
-  return q.astype(jnp.float32).reshape(*q.shape[:-1], 2, key_dim // 2)  # [b, t, h, 2, kh]
+class ProductKeyLayer(nn.Module):
+  """What PKM and PEER share: fields, the per-head query, the sub-keys and the top-k search.
 
-
-def check_key_dim(name: str, key_dim: int):
-  if key_dim < 2 or key_dim % 2:
-    raise ValueError(f"{name}: key_dim={key_dim} must be even and >= 2 (two query halves); "
-                     f"set key_dim to an even number.")
-
-
-class ProductKeyMemory(nn.Module):
-  """PKM: y = Σ_h Σ_{s ∈ top-k} softmax(scores)_s V_s.  x [B, T, D] -> [B, T, D].
-
-  hidden: wanted number of memory slots; N = ceil(√hidden)².
-  heads: memory heads H (paper: 4), each with its own query and sub-keys.
-  topk: slots read per head k (paper: 32); at most N.
-  key_dim: query/key width per head (even; paper: 512); None -> D rounded up to even.
+  hidden: wanted number of slots / experts; the layer holds N = ceil(√hidden)².
+  heads: retrieval heads H, each with its own query projection and sub-keys.
+  topk: slots per head k; at most N.
+  key_dim: query/key width per head (even); None -> D rounded up to even.
   use_bias: bias on the query projection.
   dropout: dropout rate on the output (active only when not deterministic).
-  kernel_init / out_init: initialisers of the query projection and of the value table.
+  kernel_init / out_init: initialisers of the query (and PEER's down vectors) / of the table
+    read out (PKM's values, PEER's up vectors).
   dtype, param_dtype: compute and parameter dtypes.
   """
   hidden: int
@@ -78,19 +63,41 @@ class ProductKeyMemory(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
+  def retrieve(self, x):
+    """x [B, T, D] -> (scores [B, T, H, k] float32, slot ids [B, T, H, k], N), in `nn.compact`."""
+    d = x.shape[-1]
+    key_dim = self.key_dim if self.key_dim is not None else d + d % 2
+    if key_dim < 2 or key_dim % 2:
+      raise ValueError(f"{type(self).__name__}: key_dim={key_dim} must be even and >= 2 (two "
+                       "query halves); set key_dim to an even number.")
+    n = product_keys.n_sub_keys(self.hidden)
+    q = nn.DenseGeneral((self.heads, key_dim), use_bias=self.use_bias, dtype=self.dtype,
+                        param_dtype=self.param_dtype,
+                        kernel_init=axes.param(self.kernel_init, axes.EMBED, axes.HEADS, axes.KV),
+                        bias_init=axes.param(nn.initializers.zeros, axes.HEADS, axes.KV),
+                        name="query")(x)  # [b, t, h, kd]
+    q = q.astype(jnp.float32).reshape(*q.shape[:-1], 2, key_dim // 2)  # [b, t, h, 2, kh]
+    keys = _sub_key_params(self, self.heads, n, key_dim // 2, self.param_dtype)
+    scores, idx = product_keys.product_key_topk(q, keys.astype(jnp.float32),
+                                                min(self.topk, n * n))  # [b, t, h, k]
+    return scores, idx, n * n
+
+
+class ProductKeyMemory(ProductKeyLayer):
+  """PKM: y = Σ_h Σ_{s ∈ top-k} softmax(scores)_s V_s.  x [B, T, D] -> [B, T, D].
+
+  Fields: `ProductKeyLayer`'s, with the paper's heads 4 and topk 32 (its key_dim: 512);
+  out_init initialises the value table.
+  """
+  heads: int = 4
+  topk: int = 32
+
   @nn.compact
   def __call__(self, x, *, deterministic: bool = True):
     d = x.shape[-1]
-    key_dim = self.key_dim if self.key_dim is not None else d + d % 2
-    check_key_dim("ProductKeyMemory", key_dim)
-    n = product_keys.n_sub_keys(self.hidden)
-    q = product_key_query(self, x, self.heads, key_dim, init=self.kernel_init,
-                          use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
-    keys = sub_key_params(self, self.heads, n, key_dim // 2, self.param_dtype)
-    scores, idx = product_keys.product_key_topk(q, keys.astype(jnp.float32),
-                                                min(self.topk, n * n))  # [b, t, h, k]
+    scores, idx, slots = self.retrieve(x)  # [b, t, h, k]
     w = jax.nn.softmax(scores, axis=-1)
-    values = self.param("values", axes.param(self.out_init, axes.MLP, axes.EMBED), (n * n, d),
+    values = self.param("values", axes.param(self.out_init, axes.MLP, axes.EMBED), (slots, d),
                         self.param_dtype)
     picked = jnp.take(values, idx, axis=0).astype(self.dtype)  # [b, t, h, k, d]
     y = jnp.einsum("bthk,bthkd->btd", w.astype(self.dtype), picked)
