@@ -43,7 +43,7 @@ case "${1:-}" in
     f=$(find /tmp/prof/step -name '*perfetto_trace.json.gz' | head -1)
     [ -n "$f" ] && [ $(stat -c %s "$f") -lt 15000000 ] && cp "$f" $OUT/trace_step.json.gz
     timeout $(left 585) python3 -m experiments.bench.lm_memory --budget_s=50 --mixers=gla,mamba2 \
-      --lengths=65536,131072,262144 2>&1 | tee $OUT/lm_memory.log | quiet | tail -20 ;;
+      --lengths=65536,131072,262144 --granule=16384 2>&1 | tee $OUT/lm_memory.log | quiet | tail -20 ;;
   kernels)
     SEQMIX_BENCH_BUDGET_S=160 timeout 215 python3 -m experiments.bench.kernels_linear_attention \
       --timing_only 2>&1 | tee $OUT/linear_attention.log | quiet | tail -25
