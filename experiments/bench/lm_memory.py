@@ -42,12 +42,18 @@ _LIMIT = flags.DEFINE_float("limit_gib", None, "Memory limit for the estimate ch
                             "the device's bytes_limit (none on CPU: every length runs).")
 
 
+class _StopWalk(Exception):
+  """Ends a (mixer, remat) walk: args[0] is the length left untried for lack of time, or None
+  after an error that is not out of memory (recorded in the table)."""
+
+
 class EstimateTooLarge(Exception):
   """XLA's estimate exceeds the memory limit: counted as out of memory, not run."""
 
 
 def _oom(e: Exception) -> bool:
-  return isinstance(e, EstimateTooLarge) or "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
+  return (isinstance(e, EstimateTooLarge) or "RESOURCE_EXHAUSTED" in str(e)
+          or "out of memory" in str(e).lower())
 
 
 def memory_limit() -> int | None:
@@ -97,7 +103,7 @@ def main(argv):
         """True if length t ran; records the best length and the first failure."""
         nonlocal best, best_est, failed, failed_t
         if time.perf_counter() - t0 > _BUDGET.value:
-          raise TimeoutError(t)
+          raise _StopWalk(t)
         try:
           best_est, best = try_length(mixer, remat, t, limit), t
           return True
@@ -106,7 +112,7 @@ def main(argv):
           failed = f"{t} (out of memory)" if _oom(e) else (
               f"{t} ({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})")
           if not _oom(e):
-            raise TimeoutError(None) from e  # a real error: stop this walk
+            raise _StopWalk(None) from e
           return False
 
       try:
@@ -123,8 +129,8 @@ def main(argv):
             lo = mid
           else:
             failed_t = mid
-      except TimeoutError as e:
-        if e.args[0] is not None and (failed_t is None or e.args[0] < failed_t):
+      except _StopWalk as e:
+        if e.args[0] is not None and failed_t is None:  # out of time before any failure
           failed = f"not tried (time budget; next was {e.args[0]})"
       est = f"{best_est / 2**30:.1f} GiB" if best_est is not None else "-"
       print(f"| {mixer} | {remat} | {best or 'none'} | {est} | {failed} |", flush=True)
