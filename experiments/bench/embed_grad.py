@@ -9,11 +9,10 @@ ids, 8 × 2048). "bf16 take" is what `flax.linen.Embed(dtype=bfloat16)` differen
 The floor is reading the cotangent once and writing the float32 table gradient.
 """
 
-
-from absl import app
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app
 
 from experiments.bench import _timing
 from seqmix.data import corpora

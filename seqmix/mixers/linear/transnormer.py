@@ -35,8 +35,8 @@ from seqmix import registry
 from seqmix.mixers.base import MixerBase, check_divisible
 from seqmix.mixers.common import segments
 from seqmix.mixers.common.feature_maps import elu_feature_map
-from seqmix.mixers.common.projections import sharded_dense
 from seqmix.mixers.common.norms import RMSNorm
+from seqmix.mixers.common.projections import sharded_dense
 from seqmix.parallel import axes
 from seqmix.parallel import dispatch
 
